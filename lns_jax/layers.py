@@ -1,0 +1,99 @@
+"""``BinaryConv``: a drop-in Flax conv with binary weights and activations (Eq. 2-4)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lns_jax import quantizers
+from lns_jax.mapping import MappingNet
+
+Array = jax.Array
+
+WEIGHT_BINARIZERS = ("float", "sign", "lns")
+# The collection BinaryConv sows (q_hat, q_tilde) into, for the objective of Eq. 21.
+LNS_COLLECTION = "lns"
+
+PaddingLike = Union[str, Sequence[Tuple[int, int]]]
+
+
+def conv2d(x: Array, w: Array, strides=(1, 1), padding: PaddingLike = "SAME") -> Array:
+  """NHWC x HWIO convolution (the binary conv of Eq. 2 on +-1 operands)."""
+  if not isinstance(padding, str):
+    padding = tuple(tuple(p) for p in padding)
+  return lax.conv_general_dilated(x, w, window_strides=tuple(strides), padding=padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class BinaryConv(nn.Module):
+  """Convolution with binarized inputs and weights.
+
+  Weight binarizers (DESIGN decisions 1-2):
+    ``'float'``: the latent kernel as it is (full-precision reference);
+    ``'sign'``: ``ste_sign(W) * s`` (baseline, Eq. 1-3);
+    ``'lns'``: ``ste_sign(q_hat) * s`` with ``q_hat = f_theta(W)`` (Eq. 4), its own
+      ``MappingNet``; ``(q_hat, q_tilde = sign(W))`` is sown into the ``'lns'``
+      collection under ``'pairs'`` so the trainer computes Eq. 15-21 without mapping
+      again. ``q_tilde`` is under ``stop_gradient`` (Eq. 1: labels, not a path).
+  The scale ``s`` (``weight_scale``) is computed from the latent ``W`` under
+  ``stop_gradient``, as DoReFa does, so gradients to ``W`` are exactly the STE's.
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: PaddingLike = "SAME"
+  use_bias: bool = False
+  weight_binarizer: str = "sign"
+  input_binarizer: str = "ste_sign"
+  weight_scale: str = "layer"
+  clip: Optional[float] = 1.0
+  mapping_output: str = "raw"
+  mapping_clip: Optional[float] = 1.0
+  kernel_init: Callable = nn.initializers.kaiming_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    if self.weight_binarizer not in WEIGHT_BINARIZERS:
+      raise ValueError(f"weight_binarizer must be one of {WEIGHT_BINARIZERS}, "
+                       f"got {self.weight_binarizer!r}.")
+    binarize_input = quantizers.get_input_binarizer(self.input_binarizer)
+    kernel = self.param("kernel", self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+    x = binarize_input(x)
+    if self.weight_binarizer == "float":
+      w = kernel
+    else:
+      scale = lax.stop_gradient(quantizers.weight_scale(kernel, self.weight_scale))
+      if self.weight_binarizer == "sign":
+        w = quantizers.ste_sign(kernel, self.clip) * scale
+      else:
+        q_hat = MappingNet(output=self.mapping_output, name="mapping")(kernel, train=train)
+        q_tilde = lax.stop_gradient(quantizers.sign(kernel))
+        if not self.is_initializing():  # init must not leave stale pairs in the variables
+          self.sow(LNS_COLLECTION, "pairs", (q_hat, q_tilde))
+        w = quantizers.ste_sign(q_hat, self.mapping_clip) * scale
+    y = conv2d(x.astype(self.dtype), w.astype(self.dtype), self.strides, self.padding)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return y
+
+
+def binary_weights(kernel: Array, weight_binarizer: str, mapping_variables=None,
+                   weight_scale: str = "layer", mapping_output: str = "raw") -> Array:
+  """Inference-time weights of a BinaryConv: ``sign(.) * s`` without gradients.
+
+  ``sign(q_hat)`` in eval mode for ``'lns'`` (the paper keeps only these), ``sign(W)``
+  for ``'sign'``, the kernel itself for ``'float'``.
+  """
+  if weight_binarizer == "float":
+    return kernel
+  scale = quantizers.weight_scale(kernel, weight_scale)
+  if weight_binarizer == "sign":
+    return quantizers.sign(kernel) * scale
+  q_hat = MappingNet(output=mapping_output).apply(mapping_variables, kernel, train=False)
+  return quantizers.sign(q_hat) * scale
