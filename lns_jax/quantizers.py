@@ -121,5 +121,9 @@ def weight_scale(w: Array, mode: str = "layer") -> Array:
 
 
 def binarize_weights(w: Array, scale: str = "layer", clip: Optional[float] = 1.0) -> Array:
-  """Baseline weight binarizer ``sign(W) * s`` with the clipped STE (Eq. 1-3)."""
-  return ste_sign(w, clip) * weight_scale(w, scale)
+  """Baseline weight binarizer ``sign(W) * s`` with the clipped STE (Eq. 1-3).
+
+  As in ``BinaryConv`` (DoReFa convention), ``s`` is under ``stop_gradient``: the
+  gradient wrt ``W`` is exactly the STE's, ``g * s * 1{|W| <= clip}``.
+  """
+  return ste_sign(w, clip) * jax.lax.stop_gradient(weight_scale(w, scale))

@@ -1,0 +1,110 @@
+"""Orbax checkpoints of a stage: the last N, the best, and the final one.
+
+Layout of a stage folder ``DIR/<stage>/``::
+
+  checkpoints/<step>/{state,meta}   the last ``keep`` (resume from the newest good one)
+  best/<step>/{state,meta}          the best eval top-1 so far
+  final/<step>/{state,meta}         written once when the stage ends; never overwritten
+  result.json                       written after final/: the stage is done
+
+``state`` is the whole train state (params, BatchNorm statistics, optimizer state,
+step, flip-rate references, counters); ``meta`` is JSON: epoch, position in the
+epoch, the config. Orbax writes each step into a temporary folder and renames it
+when complete, so a half-written checkpoint is never listed; one that is listed but
+damaged fails to restore, and :func:`restore_latest` falls back to the one before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not fit the model or config it is loaded into."""
+
+
+def manager(directory: str, keep: Optional[int] = None, best: bool = False,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      best_fn=(lambda m: m["top1"]) if best else None,
+      best_mode="max",
+      create=not read_only,
+      read_only=read_only,
+      # Synchronous saves: a save that returns is on disk, so a kill -9 right after
+      # it loses nothing, and a failed save raises where it happened.
+      enable_async_checkpointing=False,
+  )
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=("state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         metrics: Optional[dict] = None) -> None:
+  mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)),
+            metrics=metrics, force=True)
+  mngr.wait_until_finished()
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Tuple[Any, dict]:
+  """Restores ``step`` into the structure (and shardings) of ``target``."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  out = mngr.restore(int(step), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+  return out["state"], dict(out["meta"])
+
+
+def restore_latest(mngr: ocp.CheckpointManager, target: Any):
+  """The newest checkpoint that restores; damaged ones are skipped with a warning.
+
+  Returns ``(state, meta, step)`` or ``None`` when no checkpoint restores.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state, meta = restore(mngr, step, target)
+      return state, meta, step
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("Checkpoint %s/%d could not be restored (%s: %s); skipping it and "
+                      "trying the previous one.", mngr.directory, step, type(e).__name__,
+                      str(e).splitlines()[0][:200] if str(e) else "")
+  return None
+
+
+def load_variables(path: str) -> dict:
+  """Reads ``{'params', 'batch_stats'}`` of a saved stage for ``init_from``.
+
+  ``path`` is a stage folder (``DIR/pretrain``), its ``final`` folder, or a
+  ``checkpoints/<step>`` folder. Arrays come back as host NumPy arrays.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  candidates = [path]
+  for sub in ("final", "checkpoints"):
+    if os.path.isdir(os.path.join(path, sub)):
+      candidates.insert(0, os.path.join(path, sub))
+  for cand in candidates:
+    if os.path.isdir(os.path.join(cand, "state")):
+      state_dir = os.path.join(cand, "state")
+      break
+    steps = [d for d in os.listdir(cand) if d.isdigit()] if os.path.isdir(cand) else []
+    if steps:
+      state_dir = os.path.join(cand, max(steps, key=int), "state")
+      break
+  else:
+    raise CheckpointMismatchError(
+        f"config.init_from={path!r}: no checkpoint there. Give a stage folder of a "
+        f"finished run (e.g. WORKDIR/pretrain) or its final/ folder.")
+  try:
+    tree = ocp.PyTreeCheckpointer().restore(state_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointMismatchError(
+        f"config.init_from={path!r}: could not read {state_dir} ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:200] if str(e) else ''}).") from e
+  if not isinstance(tree, dict) or "params" not in tree:
+    raise CheckpointMismatchError(f"config.init_from={path!r}: {state_dir} holds no params.")
+  return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}

@@ -1,0 +1,194 @@
+"""The config schema: every field a run reads, its default, and the check of a config.
+
+Config files in ``configs/`` start from :func:`base_config` and change values; they
+never add keys, so a typo (``--config.lns.alpah=1``) is an error, not a silent no-op.
+:func:`validate` runs before anything is built or compiled and raises
+:class:`ConfigError` with one line naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable
+
+import ml_collections
+
+STAGES = ("pretrain", "warmup", "lns", "finetune")
+# The weights each stage trains with (DESIGN, "Stages").
+STAGE_WEIGHTS = {"pretrain": "sign", "warmup": "lns", "lns": "lns", "finetune": "sign"}
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet2012")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("piecewise", "cosine", "constant")
+LABELS = ("current", "pretrained")
+INPUT_BINARIZERS = ("ste_sign", "approx_sign", "none")
+WEIGHT_SCALES = ("layer", "channel", "none")
+MAPPING_OUTPUTS = ("raw", "tanh")
+REDUCTIONS = ("mean", "sum")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the field and what is allowed."""
+
+
+def stage_config(epochs=1.0, lr=0.1, schedule="piecewise", decay_epochs=(), decay_factor=0.1):
+  c = ml_collections.ConfigDict()
+  c.epochs = float(epochs)          # may be fractional (quick runs)
+  c.lr = float(lr)
+  c.schedule = schedule             # 'piecewise' | 'cosine' | 'constant'
+  c.decay_epochs = tuple(decay_epochs)  # piecewise: multiply by decay_factor at these epochs
+  c.decay_factor = float(decay_factor)
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field with its default (the CIFAR-10 ResNet-20 paper recipe, shrunk)."""
+  from lns_jax import data  # the data fields are owned by the input pipeline
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = "pretrain,warmup,lns"   # comma-separated, run in order
+  c.init_from = ""                   # a checkpoint dir (a stage's final/) to start the first stage from
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "resnet20"
+  c.model.input_binarizer = "ste_sign"
+  c.model.weight_scale = "layer"
+  c.model.clip = 1.0                 # STE clip of activations and latent weights (Eq. 3)
+
+  c.mapping = ml_collections.ConfigDict()
+  c.mapping.output = "raw"           # DESIGN decision 1
+  c.mapping.clip = 1.0               # STE clip of sign(q_hat)
+
+  c.data = data.default_data_config()
+  c.batch_size = 128                 # global, over all devices and hosts (eval uses it too)
+
+  c.optimizer = "sgd"
+  c.momentum = 0.9
+  c.weight_decay = 0.0
+
+  c.pretrain = stage_config(400, 0.1, decay_epochs=(200, 300))
+  c.warmup = stage_config(5, 0.01, schedule="constant")
+  c.lns = stage_config(120, 0.01, decay_epochs=(30, 60, 90))
+  c.finetune = stage_config(120, 0.01, decay_epochs=(30, 60, 90))
+
+  c.alpha = 1.0                      # Eq. 21
+  c.rho = 0.005                      # float, or a pair (rho_pos, rho_neg), Eq. 8-9
+  c.reduction = "mean"               # 'mean' (Eq. 16) or 'sum' (Eq. 17)
+  c.labels = "current"               # DESIGN decision 3
+
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.on_nonfinite = "stop"            # 'stop' | 'skip' (skip the step, count it)
+  return c
+
+
+def stage_names(config) -> list:
+  return [s.strip() for s in str(config.stages).split(",") if s.strip()]
+
+
+def _fail(field, msg):
+  raise ConfigError(f"config.{field}: {msg}")
+
+
+def _check_choice(config, field, allowed: Iterable[str]):
+  value = _get(config, field)
+  if value not in allowed:
+    _fail(field, f"{value!r} is not one of {', '.join(map(repr, allowed))}.")
+
+
+def _get(config, field):
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def _check_number(config, field, *, low=None, high=None, low_open=False, integer=False,
+                  allow_zero=True):
+  value = _get(config, field)
+  kind = "an integer" if integer else "a number"
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+      integer and not float(value).is_integer()):
+    _fail(field, f"{value!r} must be {kind}.")
+  if not math.isfinite(float(value)):
+    _fail(field, f"{value!r} must be finite.")
+  if low is not None and (value < low or (low_open and value == low)):
+    _fail(field, f"{value!r} must be {'>' if low_open else '>='} {low}.")
+  if high is not None and value > high:
+    _fail(field, f"{value!r} must be <= {high}.")
+
+
+def _check_keys(config, reference, prefix=""):
+  for key in config.keys():
+    if key not in reference:
+      close = [k for k in reference.keys() if k[:3] == key[:3]]
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      _fail(prefix + key, f"unknown field{hint}; allowed: {', '.join(sorted(reference.keys()))}.")
+    sub, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(sub, ml_collections.ConfigDict):
+        _fail(prefix + key, f"must be a group of fields like {sorted(ref.keys())}, got {sub!r}.")
+      _check_keys(sub, ref, prefix + key + ".")
+
+
+def validate(config, num_devices: int = 1) -> None:
+  """Checks every field; raises :class:`ConfigError` naming the first bad one."""
+  from lns_jax import loss
+  from lns_jax.models import MODELS
+
+  _check_keys(config, base_config())
+  stages = stage_names(config)
+  if not stages:
+    _fail("stages", f"is empty; give a comma-separated list of {', '.join(STAGES)}.")
+  for s in stages:
+    if s not in STAGES:
+      _fail("stages", f"unknown stage {s!r}; allowed: {', '.join(STAGES)}.")
+  if len(set(stages)) != len(stages):
+    _fail("stages", f"{config.stages!r} names a stage twice.")
+  if not isinstance(config.init_from, str):
+    _fail("init_from", f"{config.init_from!r} must be a path (a string).")
+  _check_choice(config, "model.name", sorted(MODELS))
+  _check_choice(config, "model.input_binarizer", INPUT_BINARIZERS)
+  _check_choice(config, "model.weight_scale", WEIGHT_SCALES)
+  _check_number(config, "model.clip", low=0, low_open=True)
+  _check_choice(config, "mapping.output", MAPPING_OUTPUTS)
+  _check_number(config, "mapping.clip", low=0, low_open=True)
+  _check_choice(config, "data.name", DATASETS)
+  for field in ("seed", "batch_size", "log_every_steps",
+                "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints"):
+    _check_number(config, field, low=0 if field == "seed" else 1, integer=True)
+  if config.batch_size % num_devices:
+    _fail("batch_size", f"{config.batch_size} must be a multiple of the number of devices "
+                        f"({num_devices}); use e.g. "
+                        f"{num_devices * max(1, config.batch_size // num_devices)}.")
+  _check_choice(config, "optimizer", OPTIMIZERS)
+  _check_number(config, "momentum", low=0, high=1)
+  _check_number(config, "weight_decay", low=0)
+  for s in STAGES:
+    _check_number(config, f"{s}.epochs", low=0)
+    _check_number(config, f"{s}.lr", low=0)
+    _check_choice(config, f"{s}.schedule", SCHEDULES)
+    _check_number(config, f"{s}.decay_factor", low=0)
+    decay = config[s].decay_epochs
+    if not isinstance(decay, (tuple, list)) or not all(
+        isinstance(e, numbers.Real) and not isinstance(e, bool) and e > 0 for e in decay):
+      _fail(f"{s}.decay_epochs", f"{decay!r} must be a list of positive epochs.")
+    if list(decay) != sorted(decay):
+      _fail(f"{s}.decay_epochs", f"{decay!r} must be increasing.")
+  for s in stages:
+    if config[s].epochs <= 0:
+      _fail(f"{s}.epochs", f"{config[s].epochs!r} must be > 0 for a stage that runs.")
+  _check_number(config, "alpha", low=0)
+  try:
+    loss.check_rho(config.rho)
+  except ValueError as e:
+    _fail("rho", str(e).removeprefix("rho: "))
+  _check_choice(config, "reduction", REDUCTIONS)
+  _check_choice(config, "labels", LABELS)
+  _check_choice(config, "on_nonfinite", ("stop", "skip"))
+  if "warmup" in stages and stages.index("warmup") == 0 and not config.init_from:
+    _fail("init_from", "the warmup stage needs a trained baseline: run 'pretrain' first or "
+                       "set config.init_from to a baseline checkpoint.")

@@ -1,0 +1,53 @@
+"""Trains a binary network with LNS: pretrain -> warmup -> lns (Sec. 4).
+
+  python train.py --config=configs/fashion_mnist_r20.py --workdir=workdirs/fmnist
+  python train.py --config=configs/imagenet_r18.py --config.batch_size=512 --workdir=...
+
+Multi-host: pass --coordinator_address/--num_processes/--process_id (or set
+LNS_COORDINATOR_ADDRESS, LNS_NUM_PROCESSES, LNS_PROCESS_ID), or
+--coordinator_address=auto on clusters JAX detects (SLURM, TPU pods, Open MPI).
+"""
+
+import os
+import sys
+
+# tf.data is the input pipeline only: keep TensorFlow off the accelerators and quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+_COORD = flags.DEFINE_string("coordinator_address", None,
+                             "host:port of process 0 for multi-host runs, or 'auto'.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every file at INFO
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  import jax
+  from lns_jax import config as config_lib
+  from lns_jax import parallel, trainer
+  from lns_jax.checkpoint import CheckpointMismatchError
+  from lns_jax.data import DatasetNotFoundError
+
+  parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  logging.info("JAX processes: %d, devices: %s", jax.process_count(), jax.devices())
+  try:
+    trainer.train(_CONFIG.value, _WORKDIR.value)
+  except (config_lib.ConfigError, DatasetNotFoundError, CheckpointMismatchError,
+          trainer.TrainingError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
