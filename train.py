@@ -42,11 +42,16 @@ def main(argv):
   parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
   logging.info("JAX processes: %d, devices: %s", jax.process_count(), jax.devices())
   try:
-    trainer.train(_CONFIG.value, _WORKDIR.value)
+    results = trainer.train(_CONFIG.value, _WORKDIR.value)
   except (config_lib.ConfigError, DatasetNotFoundError, CheckpointMismatchError,
           trainer.TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  stopped = [r for r in results.values() if r.get("interrupted")]
+  if stopped:
+    # Preempted (SIGTERM) or interrupted (SIGINT) after a checkpoint: the shell's
+    # 128 + signal code tells schedulers the job did not finish and may be requeued.
+    sys.exit(128 + int(stopped[0].get("signal") or 15))
 
 
 if __name__ == "__main__":

@@ -65,15 +65,32 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any):
 
   Returns ``(state, meta, step)`` or ``None`` when no checkpoint restores.
   """
+  damaged = []
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       state, meta = restore(mngr, step, target)
-      return state, meta, step
+      break
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("Checkpoint %s/%d could not be restored (%s: %s); skipping it and "
-                      "trying the previous one.", mngr.directory, step, type(e).__name__,
-                      str(e).splitlines()[0][:200] if str(e) else "")
-  return None
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+      damaged.append(step)
+      logging.warning("Checkpoint %s/%d is damaged and was skipped (%s); trying the "
+                      "previous one.", mngr.directory, step, reason)
+      print(f"warning: checkpoint {mngr.directory}/{step} is damaged and was skipped "
+            f"({reason}).", flush=True)
+  else:
+    state = None
+  # Move damaged steps aside (never delete: they may matter to someone), so that
+  # saving that step again later does not collide with them.
+  if damaged and jax.process_index() == 0:
+    for step in damaged:
+      src = os.path.join(str(mngr.directory), str(step))
+      if os.path.isdir(src):
+        os.rename(src, os.path.join(str(mngr.directory), f"damaged-{step}-{os.getpid()}"))
+  if damaged:
+    mngr.reload()
+  if state is None:
+    return None
+  return state, meta, step
 
 
 def load_variables(path: str) -> dict:

@@ -241,7 +241,10 @@ def make_train_step(model, tx, config, stage: str, layers, schedule):
       flat_old = traverse_util.flatten_dict(state.batch_stats)
       new_bs = traverse_util.unflatten_dict(
           {k: flat_new[k] if "mapping" in k else flat_old[k] for k in flat_old})
-    ok = jnp.isfinite(total) & jnp.isfinite(optax.global_norm(grads))
+    # A step is good when its loss, gradients and the parameters it produces are finite;
+    # a bad step is not applied, so the state (and every checkpoint) stays good.
+    ok = (jnp.isfinite(total) & jnp.isfinite(optax.global_norm(grads))
+          & jnp.isfinite(optax.global_norm(params)))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     first_bad = jnp.where((state.first_bad_step < 0) & ~ok, state.step, state.first_bad_step)
     new_state = state.replace(
@@ -415,7 +418,7 @@ class StageContext:
   info: Any
   writer: Writer
   preempt: _Preemption
-  stop_at_step: Optional[int] = None
+  stop_at: Optional[Tuple[str, int]] = None
 
 
 def _host(tree):
@@ -513,9 +516,17 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
             "batch": int(step % spe), "steps_per_epoch": spe, "total_steps": total_steps,
             "config": config.to_json_best_effort()}
 
-  def save(step, state):
+  def save(mngr, step, state, metrics=None):
     _check_finite(state, stage)
-    ckpt_lib.save(ckpts, step, state, meta_for(step))
+    try:
+      ckpt_lib.save(mngr, step, state, meta_for(step), metrics)
+    except Exception as e:  # pylint: disable=broad-except
+      kept = ckpts.latest_step()
+      raise TrainingError(
+          f"[{stage}] saving the checkpoint of step {step} in {mngr.directory} failed "
+          f"({type(e).__name__}: {str(e)[:200]}). Is the disk full or the folder read-only? "
+          f"The previous checkpoint (step {kept}) is kept; free space and run the same "
+          f"command again to resume from it.") from e
 
   progress = Progress(stage, total_steps, step)
   pending, t_log, n_log, wait = [], time.time(), 0, 0.0
@@ -536,7 +547,7 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
       pending.append(m)
       n_log += 1
       stop_now = ctx.preempt.signal is not None or (
-          ctx.stop_at_step is not None and step >= ctx.stop_at_step)
+          ctx.stop_at is not None and ctx.stop_at[0] == stage and step >= ctx.stop_at[1])
       end_of_epoch = step % spe == 0 or step == total_steps
       if step % config.log_every_steps == 0 or end_of_epoch or stop_now:
         ms = _host(pending)
@@ -568,7 +579,7 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
           if sel > best_top1:
             best_top1 = sel
             _check_finite(state, stage)
-            ckpt_lib.save(best, step, state, meta_for(step), metrics={"top1": sel})
+            save(best, step, state, metrics={"top1": sel})
         ctx.writer.write(rec, step)
         progress.line(f"[{stage}] epoch {ep} step {step}/{total_steps}: train ce "
                       f"{record['ce']:.4f} top1 {record['top1']:.4f}"
@@ -577,7 +588,7 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
                       + f" | flips {flips[0]:.4f}/{flips[1]:.4f}"
                       + f" | {record['images_per_sec']:.0f} img/s")
       if end_of_epoch or step % config.checkpoint_every_steps == 0 or stop_now:
-        save(step, state)
+        save(ckpts, step, state)
       if stop_now:
         interrupted = ctx.preempt.signal or "stop_at_step"
         break
@@ -585,7 +596,8 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
       break
 
   if interrupted:
-    return {"interrupted": True, "stage": stage, "step": step, "signal": interrupted}
+    return {"interrupted": True, "stage": stage, "step": step,
+            "signal": int(interrupted) if ctx.preempt.signal else None}
 
   _check_finite(state, stage)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -594,8 +606,8 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
             "test": evaluate(eval_step, variables, config, "test", mesh)}
   if info.num_validation:
     result["validation"] = evaluate(eval_step, variables, config, "validation", mesh)
-  if final.latest_step() is None:
-    ckpt_lib.save(final, step, state, meta_for(step))
+  if final.latest_step() is None:  # written once; a finished stage's final is never replaced
+    save(final, step, state)
   if jax.process_index() == 0:
     tmp = result_path + ".tmp"
     with open(tmp, "w") as f:
@@ -637,11 +649,11 @@ def results_table(results: Dict[str, dict]) -> str:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
-          stop_at_step: Optional[int] = None) -> dict:
+          stop_at: Optional[Tuple[str, int]] = None) -> dict:
   """Runs ``config.stages`` in ``workdir``; returns ``{stage: result}``.
 
-  ``stop_at_step`` stops the first unfinished stage after that step as a preemption
-  would (checkpoint, then return with ``interrupted``); used by tests.
+  ``stop_at=(stage, step)`` stops that stage after that step as a preemption would
+  (checkpoint, then return with ``interrupted``); used by tests.
   """
   mesh = parallel.make_mesh()
   config_lib.validate(config, num_devices=mesh.size)
@@ -668,7 +680,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     try:
       for stage in stages:
         ctx = StageContext(config, workdir, stage, mesh, info, writer, preempt,
-                           stop_at_step=stop_at_step)
+                           stop_at=stop_at)
         result = run_stage(ctx, start)
         if result.get("interrupted"):
           if jax.process_index() == 0:

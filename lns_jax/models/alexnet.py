@@ -45,11 +45,15 @@ class AlexNet(nn.Module):
     w = self.widths
     x = nn.Conv(w[0], (11, 11), strides=(4, 4), padding=[(2, 2), (2, 2)], use_bias=False,
                 dtype=self.dtype, name="conv1")(x)
-    x = pool(nn.relu(norm(name="bn1")(x)))
-    x = pool(norm(name="bn2")(binary(w[1], (5, 5), "conv2")(x, train)))
+    # Every binary layer's input is sign(BN(.)) with the BN right before the sign, as in
+    # XNOR-Net (pool -> BN -> sign -> conv): no ReLU (sign(0) = +1 makes sign(relu(.)) +1
+    # everywhere) and no max-pool between BN and sign (a max of 9 centred values is almost
+    # always positive); either made the output independent of the image.
+    x = norm(name="bn1")(pool(x))
+    x = norm(name="bn2")(pool(binary(w[1], (5, 5), "conv2")(x, train)))
     x = norm(name="bn3")(binary(w[2], (3, 3), "conv3")(x, train))
     x = norm(name="bn4")(binary(w[3], (3, 3), "conv4")(x, train))
-    x = pool(norm(name="bn5")(binary(w[4], (3, 3), "conv5")(x, train)))
+    x = norm(name="bn5")(pool(binary(w[4], (3, 3), "conv5")(x, train)))
     # The dense layers as 1x1 convs over the flattened features (binary, 'sign').
     dense_w = "float" if self.weight_binarizer == "float" else "sign"
     x = x.reshape(x.shape[0], 1, 1, -1)

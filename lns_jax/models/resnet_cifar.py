@@ -67,7 +67,9 @@ class ResNetCifar(nn.Module):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=self.bn_momentum, dtype=self.dtype)
     x = fp_conv(self.width, (3, 3), name="conv_init")(x)
-    x = nn.relu(norm(name="bn_init")(x))
+    # No ReLU before the first binary conv: with sign(0) = +1, sign(relu(.)) is +1
+    # everywhere and that conv would see a constant input (as in Bi-Real Net's stem).
+    x = norm(name="bn_init")(x)
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1

@@ -76,7 +76,9 @@ class BiRealResNet(nn.Module):
                              momentum=self.bn_momentum, dtype=self.dtype)
     x = fp_conv(self.width, (7, 7), strides=(2, 2), padding=[(3, 3), (3, 3)],
                 name="conv_init")(x)
-    x = nn.relu(norm(name="bn_init")(x))
+    # No ReLU (Bi-Real Net's stem is conv-BN-maxpool): with sign(0) = +1, sign(relu(.))
+    # is +1 everywhere and the first binary conv would see a constant input.
+    x = norm(name="bn_init")(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):

@@ -1,0 +1,119 @@
+"""The paper's Fig. 3 panels from a run's metrics: ``python -m lns_jax.plots --workdir=DIR``.
+
+(a) training cross-entropy, (b) test top-1 accuracy, (c) flip rate of the binary
+weights, each against the epoch, one curve per stage (or per run when several
+workdirs are given: ``--workdir=A,B``). Writes ``fig3.png`` (and one PNG per panel)
+into ``--out`` (default: the first workdir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(workdir: str) -> List[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: is {workdir} the --workdir of a run?")
+  records = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          pass  # a line cut by a kill: skip it, the rest is good
+  return records
+
+
+def curves(records: List[dict]) -> Dict[str, Dict[str, tuple]]:
+  """``{stage: {panel: (epochs, values)}}``; a resumed run's repeated steps keep the last."""
+  out: Dict[str, Dict[str, dict]] = {}
+  for r in records:
+    stage = r.get("stage", "?")
+    d = out.setdefault(stage, {"ce": {}, "test_top1": {}, "flip_rate_epoch": {},
+                               "flip_rate_init": {}})
+    if r.get("kind") == "train":
+      d["ce"][r["epoch"]] = r["ce"]
+    elif r.get("kind") == "epoch":
+      for key in ("test_top1", "flip_rate_epoch", "flip_rate_init"):
+        if key in r:
+          d[key][r["epoch"]] = r[key]
+  return {s: {k: tuple(zip(*sorted(v.items()))) if v else ((), ()) for k, v in d.items()}
+          for s, d in out.items()}
+
+
+PANELS = (("ce", "(a) train cross-entropy", "cross-entropy"),
+          ("test_top1", "(b) test accuracy", "top-1"),
+          ("flip_rate_epoch", "(c) flip rate", "flipped share of binary weights"))
+
+
+def plot(workdirs: List[str], out_dir: str) -> List[str]:
+  """Draws Fig. 3 (a-c); returns the PNG paths written."""
+  runs = {os.path.basename(os.path.normpath(w)) or w: curves(read_metrics(w)) for w in workdirs}
+  os.makedirs(out_dir, exist_ok=True)
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  written = []
+  for ax, (key, title, ylabel) in zip(axes, PANELS):
+    _panel(ax, runs, key, title, ylabel, several=len(runs) > 1)
+    single, sax = plt.subplots(figsize=(5.5, 4))
+    _panel(sax, runs, key, title, ylabel, several=len(runs) > 1)
+    path = os.path.join(out_dir, f"fig3_{key}.png")
+    single.tight_layout()
+    single.savefig(path, dpi=120)
+    plt.close(single)
+    written.append(path)
+  fig.tight_layout()
+  path = os.path.join(out_dir, "fig3.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return [path] + written
+
+
+def _panel(ax, runs, key, title, ylabel, several):
+  for run, stages in runs.items():
+    offset = 0.0
+    for stage, d in stages.items():
+      xs, ys = d[key]
+      if xs:
+        label = f"{run}: {stage}" if several else stage
+        ax.plot([offset + x for x in xs], ys, label=label, marker="." if len(xs) < 30 else None)
+        if key == "flip_rate_epoch" and d["flip_rate_init"][0]:
+          xi, yi = d["flip_rate_init"]
+          ax.plot([offset + x for x in xi], yi, linestyle="--",
+                  label=f"{label} (vs. start)")
+      xs_all = [x for k in d for x in d[k][0]]
+      offset += max(xs_all, default=0.0)
+  ax.set_title(title)
+  ax.set_xlabel("epoch (stages one after another)")
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  if ax.has_data():
+    ax.legend(fontsize=8)
+
+
+def main(argv=None):
+  import argparse
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workdir", required=True, help="a run's workdir, or several, comma-separated")
+  p.add_argument("--out", default=None, help="folder for the PNGs (default: the first workdir)")
+  args = p.parse_args(argv)
+  workdirs = [w for w in args.workdir.split(",") if w]
+  try:
+    paths = plot(workdirs, args.out or workdirs[0])
+  except FileNotFoundError as e:
+    raise SystemExit(f"error: {e}")
+  for path in paths:
+    print(path)
+
+
+if __name__ == "__main__":
+  main()
