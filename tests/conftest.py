@@ -8,3 +8,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tf.data is only the input pipeline: keep TensorFlow off any accelerator and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory):
+  """One uninterrupted run of all stages of the smoke config, shared by the e2e tests."""
+  from lns_jax import trainer
+  from lns_testutil import smoke_config
+  workdir = str(tmp_path_factory.mktemp("full"))
+  results = trainer.train(smoke_config(), workdir)
+  return workdir, results

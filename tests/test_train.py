@@ -12,46 +12,7 @@ from lns_jax import trainer
 
 pytestmark = pytest.mark.slow
 
-import importlib.util
-
-
-def load_config(path, arg=""):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def smoke_config(**overrides):
-  c = load_config(os.path.join(ROOT, "configs", "fashion_mnist_r20.py"), "smoke")
-  c.data.train_examples = 128
-  c.data.eval_examples = 64
-  c.pretrain.epochs = 2
-  c.warmup.epochs = 1
-  c.lns.epochs = 1
-  c.log_every_steps = 2
-  c.checkpoint_every_steps = 3
-  for k, v in overrides.items():
-    node = c
-    *parents, last = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[last] = v
-  return c
-
-
-def _leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("full"))
-  results = trainer.train(smoke_config(), workdir)
-  return workdir, results
+from lns_testutil import assert_same_variables, smoke_config
 
 
 def test_all_stages_write_results(full_run):
@@ -128,10 +89,8 @@ def test_interrupted_run_resumes_to_the_same_params(full_run, tmp_path):
   assert "result" not in os.listdir(os.path.join(split, "lns"))
   trainer.train(smoke_config(), split)
   for stage in ("pretrain", "warmup", "lns"):
-    a = ckpt_lib.load_variables(os.path.join(workdir, stage))
-    b = ckpt_lib.load_variables(os.path.join(split, stage))
-    for x, y in zip(_leaves(a), _leaves(b)):
-      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    assert_same_variables(ckpt_lib.load_variables(os.path.join(workdir, stage)),
+                          ckpt_lib.load_variables(os.path.join(split, stage)))
 
 
 def test_init_from_runs_a_stage_from_a_baseline(full_run, tmp_path):

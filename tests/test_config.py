@@ -1,0 +1,114 @@
+"""Bad configs give one line naming the field, before anything compiles."""
+
+import pytest
+
+from lns_jax import config as config_lib
+from lns_testutil import load_config, set_field, smoke_config
+
+CONFIGS = [("fashion_mnist_r20.py", ""), ("fashion_mnist_r20.py", "quick"),
+           ("fashion_mnist_r20.py", "smoke"), ("cifar10_r20.py", ""), ("cifar10_r20.py", "val"),
+           ("cifar10_r20.py", "finetune"), ("imagenet_r18.py", ""), ("imagenet_alexnet.py", "")]
+
+
+@pytest.mark.parametrize("name,arg", CONFIGS)
+def test_shipped_configs_are_valid(name, arg):
+  config_lib.validate(load_config(name, arg), num_devices=1)
+
+
+BAD = [
+    ("model.name", "resnet21", "model.name"),
+    ("model.name", 3, "model.name"),
+    ("data.name", "imagenet", "data.name"),
+    ("stages", "pretrain,lnss", "stages"),
+    ("stages", "", "stages"),
+    ("stages", "pretrain,pretrain", "stages"),
+    ("alpha", -0.1, "alpha"),
+    ("alpha", "1", "alpha"),
+    ("alpha", float("nan"), "alpha"),
+    ("rho", -0.01, "rho"),
+    ("rho", (0.6, 0.5), "rho"),
+    ("rho", (0.1,), "rho"),
+    ("rho", float("inf"), "rho"),
+    ("rho", "high", "rho"),
+    ("batch_size", 0, "batch_size"),
+    ("batch_size", 12.5, "batch_size"),
+    ("batch_size", True, "batch_size"),
+    ("seed", -1, "seed"),
+    ("optimizer", "rmsprop", "optimizer"),
+    ("momentum", 1.5, "momentum"),
+    ("weight_decay", -1e-4, "weight_decay"),
+    ("lns.epochs", -1, "lns.epochs"),
+    ("lns.epochs", 0, "lns.epochs"),
+    ("lns.lr", float("inf"), "lns.lr"),
+    ("lns.schedule", "linear", "lns.schedule"),
+    ("pretrain.decay_epochs", (30, 10), "pretrain.decay_epochs"),
+    ("pretrain.decay_epochs", (-1,), "pretrain.decay_epochs"),
+    ("reduction", "none", "reduction"),
+    ("labels", "clean", "labels"),
+    ("mapping.output", "sigmoid", "mapping.output"),
+    ("mapping.clip", 0.0, "mapping.clip"),
+    ("model.weight_scale", "tensor", "model.weight_scale"),
+    ("model.input_binarizer", "relu", "model.input_binarizer"),
+    ("model.clip", -1.0, "model.clip"),
+    ("log_every_steps", 0, "log_every_steps"),
+    ("keep_checkpoints", 0, "keep_checkpoints"),
+    ("on_nonfinite", "ignore", "on_nonfinite"),
+    ("init_from", 5, "init_from"),
+]
+
+
+@pytest.mark.parametrize("field,value,named", BAD)
+def test_invalid_values_name_the_field(field, value, named):
+  c = smoke_config()
+  with c.unlocked():
+    c.ignore_type()
+    set_field_any(c, field, value)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c, num_devices=1)
+  msg = str(e.value)
+  assert msg.startswith(f"config.{named}:"), msg
+  assert "\n" not in msg
+
+
+def set_field_any(config, dotted, value):
+  node = config
+  *parents, last = dotted.split(".")
+  for p in parents:
+    node = node[p]
+  with node.ignore_type():
+    node[last] = value
+
+
+def test_unknown_keys_are_refused():
+  c = smoke_config()
+  c.unlock()
+  c.lns.alpah = 1.0
+  with pytest.raises(config_lib.ConfigError, match=r"^config.lns.alpah: unknown field"):
+    config_lib.validate(c)
+  c = smoke_config()
+  c.unlock()
+  c.learning_rate = 0.1
+  with pytest.raises(config_lib.ConfigError, match=r"^config.learning_rate: unknown field"):
+    config_lib.validate(c)
+
+
+def test_batch_size_must_divide_over_devices():
+  c = smoke_config(batch_size=12)
+  with pytest.raises(config_lib.ConfigError, match=r"config.batch_size: 12 must be a multiple .* \(8\)"):
+    config_lib.validate(c, num_devices=8)
+  config_lib.validate(smoke_config(batch_size=16), num_devices=8)
+
+
+def test_warmup_first_needs_a_baseline():
+  with pytest.raises(config_lib.ConfigError, match="config.init_from"):
+    config_lib.validate(smoke_config(stages="warmup,lns"))
+
+
+def test_input_too_small_for_the_model_is_a_config_error(tmp_path):
+  from lns_jax import trainer
+  c = load_config("imagenet_alexnet.py", "smoke")
+  c.data.image_size = 8
+  c.data.data_dir = str(tmp_path)
+  from lns_jax import data
+  with pytest.raises(config_lib.ConfigError, match="config.data.image_size"):
+    trainer._check_input_shape(c, data.get_info(c))
