@@ -21,6 +21,7 @@ import os
 from typing import Any, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -75,22 +76,39 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any):
       damaged.append(step)
       logging.warning("Checkpoint %s/%d is damaged and was skipped (%s); trying the "
                       "previous one.", mngr.directory, step, reason)
-      print(f"warning: checkpoint {mngr.directory}/{step} is damaged and was skipped "
-            f"({reason}).", flush=True)
+      if jax.process_index() == 0:
+        print(f"warning: checkpoint {mngr.directory}/{step} is damaged and was skipped "
+              f"({reason}).", flush=True)
   else:
     state = None
   # Move damaged steps aside (never delete: they may matter to someone), so that
   # saving that step again later does not collide with them.
   if damaged and jax.process_index() == 0:
-    for step in damaged:
-      src = os.path.join(str(mngr.directory), str(step))
+    for bad in damaged:
+      src = os.path.join(str(mngr.directory), str(bad))
       if os.path.isdir(src):
-        os.rename(src, os.path.join(str(mngr.directory), f"damaged-{step}-{os.getpid()}"))
+        os.rename(src, os.path.join(str(mngr.directory), f"damaged-{bad}-{os.getpid()}"))
   if damaged:
+    if jax.process_count() > 1:  # every process must see the renames before reloading
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("lns_jax.checkpoint.restore_latest")
     mngr.reload()
   if state is None:
     return None
   return state, meta, step
+
+
+def _restore_numpy(state_dir: str):
+  """Every leaf as a host NumPy array, whatever the devices or processes that saved it.
+
+  Without restore arguments orbax would rebuild the saved shardings, which name the
+  saving run's devices: a checkpoint of a multi-process (or 8-device) run would not
+  load on one device.
+  """
+  from etils import epath
+  tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ocp.PyTreeCheckpointer().restore(state_dir, restore_args=args)
 
 
 def load_variables(path: str) -> dict:
@@ -117,7 +135,7 @@ def load_variables(path: str) -> dict:
         f"config.init_from={path!r}: no checkpoint there. Give a stage folder of a "
         f"finished run (e.g. WORKDIR/pretrain) or its final/ folder.")
   try:
-    tree = ocp.PyTreeCheckpointer().restore(state_dir)
+    tree = _restore_numpy(state_dir)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointMismatchError(
         f"config.init_from={path!r}: could not read {state_dir} ({type(e).__name__}: "

@@ -67,16 +67,15 @@ class BinaryConv(nn.Module):
     x = binarize_input(x)
     if self.weight_binarizer == "float":
       w = kernel
+    elif self.weight_binarizer == "sign":
+      w = quantizers.binarize_weights(kernel, self.weight_scale, self.clip)
     else:
       scale = lax.stop_gradient(quantizers.weight_scale(kernel, self.weight_scale))
-      if self.weight_binarizer == "sign":
-        w = quantizers.ste_sign(kernel, self.clip) * scale
-      else:
-        q_hat = MappingNet(output=self.mapping_output, name="mapping")(kernel, train=train)
-        q_tilde = lax.stop_gradient(quantizers.sign(kernel))
-        if not self.is_initializing():  # init must not leave stale pairs in the variables
-          self.sow(LNS_COLLECTION, "pairs", (q_hat, q_tilde))
-        w = quantizers.ste_sign(q_hat, self.mapping_clip) * scale
+      q_hat = MappingNet(output=self.mapping_output, name="mapping")(kernel, train=train)
+      q_tilde = lax.stop_gradient(quantizers.sign(kernel))
+      if not self.is_initializing():  # init must not leave stale pairs in the variables
+        self.sow(LNS_COLLECTION, "pairs", (q_hat, q_tilde))
+      w = quantizers.ste_sign(q_hat, self.mapping_clip) * scale
     y = conv2d(x.astype(self.dtype), w.astype(self.dtype), self.strides, self.padding)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
