@@ -1,0 +1,440 @@
+"""Export a trained binary network: its binary weights packed 1 bit each, nothing else.
+
+  python -m lns_jax.export --workdir=workdirs/fmnist --out=fmnist_lns.npz
+  python -m lns_jax.export --workdir=workdirs/fmnist --out=fmnist_base.npz --stage=pretrain
+
+After training, LNS keeps only ``sign(q_hat)`` (Sec. 3): the latent weights ``W`` and
+the mapping networks ``f_theta`` are training machinery. The export reads a stage's
+final checkpoint (read only: the workdir is never written) and writes one file with
+
+* the binary weights of every binary layer: ``sign(q_hat)`` for an LNS layer, with
+  ``q_hat = f_theta(W)`` in eval mode (the mapping's running BatchNorm statistics),
+  or ``sign(W)`` for a baseline layer; packed 1 bit per weight with
+  :func:`lns_jax.bitpack.pack_signs_np` (``np.packbits`` layout, C order of the HWIO
+  kernel, bit set = +1);
+* their scale factors ``s`` as float32 (shape ``()`` for ``weight_scale='layer'``,
+  ``(1, 1, 1, C_out)`` for ``'channel'``), computed from the latent ``W`` exactly as
+  the training model computes them;
+* every full-precision variable of the inference model: the first conv, the
+  downsample shortcuts, the classifier, BatchNorm scale/bias/mean/variance, PReLU
+  slopes;
+* a JSON header.
+
+File format (``FORMAT_VERSION = 1``): an uncompressed NumPy ``.npz`` (a zip of
+``.npy`` files; readable with ``numpy.load`` alone). Members:
+
+  ``header``                        uint8: UTF-8 JSON, see below
+  ``binary/<layer path>/signs``     uint8: the packed signs, ``ceil(n / 8)`` bytes
+  ``binary/<layer path>/scale``     float32: ``s``
+  ``params/<module path>/<name>``   float32: full-precision parameters
+  ``batch_stats/<module path>/<name>`` float32: BatchNorm running statistics
+
+The header holds ``format`` ("lns-jax-export"), ``version``, ``model`` (what
+rebuilds the inference model: ``name``, ``num_classes``, ``image_shape``,
+``input_binarizer``, ``weight_scale``, ``clip``), ``binary_layers`` (per layer: path,
+kernel shape, scale shape, the binarizer it was trained with, strides, padding),
+``arrays`` (every member's shape, dtype and SHA-256, checked on load), ``source``
+(workdir, stage, step, the stage's test result) and ``config`` (the run's config as
+JSON, for evaluation). Binary layers with ``input_binarizer='none'`` or
+``weight_binarizer='float'`` do not occur in the paper's models; a ``'float'`` layer
+is exported as a full-precision kernel.
+
+:mod:`lns_jax.inference` loads the file and runs the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import warnings
+import zipfile
+import zlib
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+FORMAT = "lns-jax-export"
+FORMAT_VERSION = 1
+
+
+class ExportError(ValueError):
+  """An export file cannot be used: damaged, truncated, not an export, or mismatched."""
+
+
+class ExportMismatchError(ExportError):
+  """The export does not fit the model, config or inputs it is used with."""
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def finished_stages(workdir: str) -> list:
+  """Stages of ``workdir`` in run order that have a final checkpoint."""
+  order = []
+  summary = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary):
+    try:
+      order = list(_read_json(summary).get("stages", {}))
+    except (OSError, ValueError):
+      order = []
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    try:
+      stages = _read_json(config_path).get("stages", "")
+      order += [s.strip() for s in str(stages).split(",") if s.strip() and s.strip() not in order]
+    except (OSError, ValueError):
+      pass
+  from lns_jax.config import STAGES
+  order += [s for s in STAGES if s not in order]
+  return [s for s in order if _final_step_dir(workdir, s) is not None]
+
+
+def default_stage(workdir: str) -> str:
+  """The last stage listed in ``summary.json``, else the last finished stage."""
+  summary = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary):
+    try:
+      stages = list(_read_json(summary).get("stages", {}))
+      if stages and _final_step_dir(workdir, stages[-1]) is not None:
+        return stages[-1]
+    except (OSError, ValueError):
+      pass
+  done = finished_stages(workdir)
+  if not done:
+    raise ExportError(f"{workdir} holds no finished stage (no <stage>/final/<step> "
+                      f"checkpoint); train first (python train.py ... --workdir={workdir}) "
+                      f"or give --workdir of a finished run.")
+  return done[-1]
+
+
+def _final_step_dir(workdir: str, stage: str) -> Optional[str]:
+  final = os.path.join(workdir, stage, "final")
+  if not os.path.isdir(final):
+    return None
+  steps = [d for d in os.listdir(final)
+           if d.isdigit() and os.path.isdir(os.path.join(final, d, "state"))]
+  return os.path.join(final, max(steps, key=int)) if steps else None
+
+
+def load_stage(workdir: str, stage: str):
+  """``(config, variables, meta, step_dir)`` of a finished stage, read only."""
+  import ml_collections
+  from lns_jax import checkpoint as ckpt_lib
+  step_dir = _final_step_dir(workdir, stage)
+  if step_dir is None:
+    done = finished_stages(workdir)
+    raise ExportError(
+        f"stage {stage!r} of {workdir} has not finished (no {stage}/final/<step> "
+        f"checkpoint). Finished stages: {', '.join(done) or 'none'}; pass one of them "
+        f"with --stage, or finish the run first.")
+  meta = {}
+  meta_file = os.path.join(step_dir, "meta", "metadata")
+  if os.path.exists(meta_file):
+    meta = _read_json(meta_file)
+  config_json = meta.get("config")
+  if config_json is None and os.path.exists(os.path.join(workdir, "config.json")):
+    with open(os.path.join(workdir, "config.json")) as f:
+      config_json = f.read()
+  if config_json is None:
+    raise ExportError(f"{step_dir} has no config (meta) and {workdir} has no config.json; "
+                      f"cannot tell which model it holds.")
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  try:
+    with warnings.catch_warnings():  # orbax: "Sharding info not provided" (we want host arrays)
+      warnings.filterwarnings("ignore", message="Sharding info not provided")
+      variables = ckpt_lib.load_variables(step_dir)
+  except ckpt_lib.CheckpointMismatchError as e:
+    raise ExportError(f"cannot read the checkpoint of stage {stage!r}: {e}") from e
+  return config, variables, meta, step_dir
+
+
+# --------------------------------------------------------------------------- building
+
+
+def model_spec(config, num_classes: int, image_shape) -> dict:
+  """What rebuilds the inference model (the header's ``model``)."""
+  return {"name": str(config.model.name), "num_classes": int(num_classes),
+          "image_shape": [int(d) for d in image_shape],
+          "input_binarizer": str(config.model.input_binarizer),
+          "weight_scale": str(config.model.weight_scale), "clip": float(config.model.clip)}
+
+
+def build_inference_model(spec: dict):
+  """The ``'float'`` variant of the model: a BinaryConv then uses its kernel as it is,
+  so a kernel of ``unpacked signs * s`` gives exactly the training model's ``sign(.) * s``
+  (the same float32 products), with the same activation binarizer."""
+  from lns_jax.models import get_model
+  return get_model(spec["name"], num_classes=spec["num_classes"], weight_binarizer="float",
+                   input_binarizer=spec["input_binarizer"], weight_scale=spec["weight_scale"],
+                   clip=spec["clip"])
+
+
+def _layer_geometry(model, image_shape) -> Dict[Tuple[str, ...], dict]:
+  """Strides, padding, kernel size and binarizers of each BinaryConv (no compute)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from lns_jax.layers import BinaryConv
+  found = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    m = context.module
+    if isinstance(m, BinaryConv) and context.method_name == "__call__":
+      pad = m.padding if isinstance(m.padding, str) else [list(map(int, p)) for p in m.padding]
+      found[tuple(m.path)] = {"strides": [int(s) for s in m.strides], "padding": pad,
+                              "kernel_size": [int(k) for k in m.kernel_size],
+                              "input_binarizer": m.input_binarizer,
+                              "weight_binarizer": m.weight_binarizer,
+                              "use_bias": bool(m.use_bias)}
+    return next_fun(*args, **kwargs)
+
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  return found
+
+
+def _subtree(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _sha256(a: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def export_arrays(config, variables: dict, stage: str) -> Tuple[dict, Dict[str, np.ndarray]]:
+  """``(header without 'arrays', members)`` for the inference model of ``stage``."""
+  import jax
+  import jax.numpy as jnp
+  from flax import traverse_util
+  from lns_jax import data as data_lib
+  from lns_jax import quantizers
+  from lns_jax.layers import binary_weights
+  from lns_jax.trainer import binary_layers, build_model
+
+  info = data_lib.get_info(config)
+  spec = model_spec(config, info.num_classes, info.image_shape)
+  stage_model = build_model(config, stage, info.num_classes)
+  trained_with = binary_layers(stage_model, info.image_shape)  # {path: 'sign'|'lns'|'float'}
+  inf_model = build_inference_model(spec)
+  geometry = _layer_geometry(inf_model, info.image_shape)
+  x = jnp.zeros((1, *info.image_shape), jnp.float32)
+  target = jax.eval_shape(lambda: inf_model.init(jax.random.key(0), x, train=False))
+
+  params, bstats = variables["params"], variables.get("batch_stats", {})
+  members: Dict[str, np.ndarray] = {}
+  layers_meta = []
+  binary_kernels = set()
+  for path, binarizer in sorted(trained_with.items()):
+    if binarizer == "float":
+      continue
+    try:
+      p = _subtree(params, path)
+      kernel = jnp.asarray(p["kernel"], jnp.float32)
+      mapping = None
+      if binarizer == "lns":
+        mapping = {"params": p["mapping"], "batch_stats": _subtree(bstats, path)["mapping"]}
+    except (KeyError, TypeError) as e:
+      raise ExportMismatchError(
+          f"the checkpoint has no weights for binary layer {'/'.join(path)} of "
+          f"{config.model.name!r} ({type(e).__name__}: {e}); it was saved from another "
+          f"model or config.") from None
+    signs = np.asarray(binary_weights(kernel, binarizer, mapping, weight_scale="none",
+                                      mapping_output=config.mapping.output))
+    scale = np.asarray(quantizers.weight_scale(kernel, config.model.weight_scale), np.float32)
+    packed, shape = pack_signs(signs)
+    key = "/".join(path)
+    members[f"binary/{key}/signs"] = packed
+    members[f"binary/{key}/scale"] = scale
+    binary_kernels.add(path + ("kernel",))
+    layers_meta.append({"path": key, "shape": list(shape), "scale_shape": list(scale.shape),
+                        "trained_with": binarizer, "bits": int(np.prod(shape)),
+                        **geometry.get(path, {})})
+
+  for col, tree in target.items():
+    flat_src = traverse_util.flatten_dict(
+        params if col == "params" else bstats if col == "batch_stats" else variables.get(col, {}))
+    for key, leaf in traverse_util.flatten_dict(tree).items():
+      if col == "params" and key in binary_kernels:
+        continue
+      if key not in flat_src:
+        raise ExportMismatchError(
+            f"the checkpoint lacks {col}/{'/'.join(key)} which model "
+            f"{config.model.name!r} needs; it was saved from another model or config.")
+      value = np.asarray(flat_src[key])
+      if tuple(value.shape) != tuple(leaf.shape):
+        raise ExportMismatchError(
+            f"{col}/{'/'.join(key)} has shape {value.shape} in the checkpoint but "
+            f"{tuple(leaf.shape)} in model {config.model.name!r}; it was saved from another "
+            f"model or config.")
+      members[f"{col}/{'/'.join(key)}"] = value.astype(np.float32)
+  header = {"format": FORMAT, "version": FORMAT_VERSION, "model": spec,
+            "binary_layers": layers_meta}
+  return header, members
+
+
+def pack_signs(signs) -> Tuple[np.ndarray, Tuple[int, ...]]:
+  from lns_jax.bitpack import pack_signs_np
+  return pack_signs_np(np.asarray(signs))
+
+
+# ------------------------------------------------------------------------------ file
+
+
+def write_file(path: str, header: dict, members: Dict[str, np.ndarray]) -> int:
+  """Writes the ``.npz`` atomically (temp file + rename); returns its size in bytes."""
+  header = dict(header)
+  header["arrays"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": _sha256(v)}
+                      for k, v in sorted(members.items())}
+  blob = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), np.uint8)
+  path = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:  # a file object: numpy does not append '.npz'
+      np.savez(f, header=blob, **members)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return os.path.getsize(path)
+
+
+def _damaged(path, why):
+  return ExportError(
+      f"{path} is damaged or truncated ({why}); it cannot be loaded. Export the model "
+      f"again: python -m lns_jax.export --workdir=<run> --out={path}")
+
+
+def read_file(path: str) -> Tuple[dict, Dict[str, np.ndarray]]:
+  """``(header, members)`` of an export, every member checked against the header."""
+  if not os.path.isfile(path):
+    raise ExportError(f"{path}: no such export file. Write one with "
+                      f"python -m lns_jax.export --workdir=<run> --out={path}")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      names = set(z.files)
+      if "header" not in names:
+        raise ExportError(f"{path} is a .npz file but not an lns-jax export (no header "
+                          f"member); give a file written by python -m lns_jax.export.")
+      header = json.loads(bytes(z["header"]).decode("utf-8"))
+      members = {k: z[k] for k in names if k != "header"}
+  except ExportError:
+    raise
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError,
+          zlib.error) as e:
+    raise _damaged(path, f"{type(e).__name__}: {str(e)[:200]}") from e
+  if not isinstance(header, dict) or header.get("format") != FORMAT:
+    raise ExportError(f"{path} is not an lns-jax export (format "
+                      f"{header.get('format') if isinstance(header, dict) else None!r}); give "
+                      f"a file written by python -m lns_jax.export.")
+  if int(header.get("version", -1)) > FORMAT_VERSION:
+    raise ExportError(f"{path} has export format version {header.get('version')}, newer than "
+                      f"this lns-jax reads ({FORMAT_VERSION}); update lns-jax.")
+  listed = header.get("arrays", {})
+  if set(listed) != set(members):
+    missing = sorted(set(listed) - set(members))
+    extra = sorted(set(members) - set(listed))
+    raise _damaged(path, f"members missing: {missing[:3]}, unexpected: {extra[:3]}")
+  for k, meta in listed.items():
+    a = members[k]
+    if list(a.shape) != meta["shape"] or str(a.dtype) != meta["dtype"] or \
+        _sha256(a) != meta["sha256"]:
+      raise _damaged(path, f"member {k} does not match its checksum")
+  return header, members
+
+
+# ------------------------------------------------------------------------------- API
+
+
+def export(workdir: str, out: str, stage: Optional[str] = None) -> dict:
+  """Exports ``stage`` (default: :func:`default_stage`) of ``workdir`` to ``out``.
+
+  Returns a report: the file's size, the payload (the arrays' bytes) and the
+  summary's memory figure for the same model (:mod:`lns_jax.summary`).
+  """
+  from lns_jax import summary as summary_lib
+  from lns_jax.config import STAGE_WEIGHTS
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  out = os.path.abspath(os.path.expanduser(out))
+  if not os.path.isdir(workdir):
+    raise ExportError(f"--workdir={workdir} does not exist; give the workdir of a run.")
+  if os.path.commonpath([workdir, out]) == workdir:
+    raise ExportError(f"--out={out} is inside the run's workdir {workdir}; export never "
+                      f"writes into a workdir. Give a path outside it.")
+  stage = stage or default_stage(workdir)
+  if stage not in STAGE_WEIGHTS:
+    raise ExportError(f"--stage={stage!r} is not a stage; use one of {sorted(STAGE_WEIGHTS)}.")
+  config, variables, meta, step_dir = load_stage(workdir, stage)
+  header, members = export_arrays(config, variables, stage)
+  result = None
+  result_path = os.path.join(workdir, stage, "result.json")
+  if os.path.exists(result_path):
+    try:
+      result = _read_json(result_path).get("test")
+    except (OSError, ValueError):
+      result = None
+  header["source"] = {"workdir": workdir, "stage": stage, "step": meta.get("step"),
+                      "checkpoint": step_dir, "weights": STAGE_WEIGHTS[stage],
+                      "test": result}
+  header["config"] = config.to_json_best_effort()
+  info = header["model"]
+  model = summary_lib.inference_model(config, info["num_classes"])
+  total = summary_lib.summarize_model(model, info["image_shape"], config.model.name).total()
+  header["summary"] = {k: total[k] for k in ("memory_bits", "memory_mbit", "flops",
+                                             "binary_params", "real_params")}
+  size = write_file(out, header, members)
+  payload = sum(int(v.nbytes) for v in members.values())
+  pad_bits = sum(8 * math.ceil(l["bits"] / 8) - l["bits"] for l in header["binary_layers"])
+  return {"out": out, "stage": stage, "file_bytes": size, "file_mbit": size * 8 / 1e6,
+          "payload_bytes": payload, "payload_bits": payload * 8, "padding_bits": pad_bits,
+          "summary_memory_bits": total["memory_bits"], "summary_memory_mbit":
+          total["memory_mbit"], "overhead_bytes": size - payload,
+          "num_binary_layers": len(header["binary_layers"]),
+          "binary_bits": sum(l["bits"] for l in header["binary_layers"])}
+
+
+def format_report(r: dict) -> str:
+  return (f"wrote {r['out']} (stage {r['stage']}, {r['num_binary_layers']} binary layers, "
+          f"{r['binary_bits']:,} binary weights)\n"
+          f"  file size:       {r['file_bytes']:,} bytes = {r['file_mbit']:.4f} Mbit\n"
+          f"  arrays (payload): {r['payload_bytes']:,} bytes = {r['payload_bits'] / 1e6:.4f} Mbit"
+          f" (of which {r['padding_bits']} bits pad binary layers to whole bytes)\n"
+          f"  summary memory:  {r['summary_memory_bits'] / 8:,.0f} bytes = "
+          f"{r['summary_memory_mbit']:.4f} Mbit\n"
+          f"  file - payload:  {r['overhead_bytes']:,} bytes (header JSON, zip and .npy "
+          f"headers)")
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and XLA log at INFO
+  F = flags.FLAGS
+  try:
+    report = export(F.workdir, F.out, F.stage or None)
+  except ExportError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(format_report(report))
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from absl import app, flags
+  flags.DEFINE_string("workdir", None, "The run's workdir (read only).")
+  flags.DEFINE_string("out", None, "The export file to write (.npz).")
+  flags.DEFINE_string("stage", None, "Stage to export; default: the last one run.")
+  flags.mark_flags_as_required(["workdir", "out"])
+  app.run(main)
