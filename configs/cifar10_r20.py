@@ -9,15 +9,11 @@ LNS; ``smoke`` shrinks everything for tests.
 Data: place the original cifar-10-binary.tar.gz in <data_dir>/downloads/manual/.
 """
 
-from lns_jax.config import base_config
+from lns_jax.config import base_config, parse_args
 
 
 def get_config(arg: str = ""):
-  args = set(filter(None, arg.split(",")))
-  unknown = args - {"val", "finetune", "smoke"}
-  if unknown:
-    raise ValueError(f"configs/cifar10_r20.py: unknown arguments {sorted(unknown)}; "
-                     f"use val, finetune, smoke.")
+  args = parse_args(arg, {"val", "finetune", "smoke"}, "configs/cifar10_r20.py")
   c = base_config()
   c.data.name = "cifar10"
   c.model.name = "resnet20"

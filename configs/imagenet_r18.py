@@ -1,59 +1,21 @@
 """The paper's ImageNet ResNet-18 recipe (Table 3): Bi-Real ResNet-18 + PReLU baseline.
 
-pretrain 120 epochs (batch 256, lr 0.1, x0.1 at epochs 70, 90, 110), warm-start the
-mappings, then fine-tune 45 epochs from lr 0.01, x0.1 every 15. Bi-Real blocks,
-ApproxSign activations, per-channel weight scale, full-precision stem, downsample
-shortcuts and classifier. Args: ``finetune`` (Table 4 ablation), ``smoke`` (tests:
-tiny model, 32x32 inputs).
+Bi-Real blocks, ApproxSign activations, per-channel weight scale, full-precision stem,
+downsample shortcuts and classifier; the schedule is ``lns_jax.config.imagenet_recipe``.
+Args: ``finetune`` (Table 4 ablation), ``smoke`` (tests: tiny model, 32x32 inputs).
 
 Data: TFDS imagenet2012 built from ILSVRC2012_img_{train,val}.tar in its manual dir.
 """
 
-from lns_jax.config import base_config
+from lns_jax.config import base_config, imagenet_recipe, parse_args
 
 
 def get_config(arg: str = ""):
-  args = set(filter(None, arg.split(",")))
-  unknown = args - {"finetune", "smoke"}
-  if unknown:
-    raise ValueError(f"configs/imagenet_r18.py: unknown arguments {sorted(unknown)}; "
-                     f"use finetune, smoke.")
-  c = base_config()
-  c.data.name = "imagenet2012"
-  c.data.image_size = 224
-  c.model.name = "resnet18"
+  args = parse_args(arg, {"finetune", "smoke"}, "configs/imagenet_r18.py")
+  c = imagenet_recipe(base_config(), args)
+  c.model.name = "resnet18_tiny" if "smoke" in args else "resnet18"
   c.model.input_binarizer = "approx_sign"
   c.model.weight_scale = "channel"
-  c.batch_size = 256
-  c.optimizer = "sgd"
-  c.momentum = 0.9
-  c.weight_decay = 0.0
-  c.pretrain.epochs = 120
-  c.pretrain.lr = 0.1
-  c.pretrain.schedule = "piecewise"
-  c.pretrain.decay_epochs = (70, 90, 110)
-  c.warmup.epochs = 1
-  c.warmup.lr = 0.01
-  c.warmup.schedule = "constant"
-  for stage in (c.lns, c.finetune):
-    stage.epochs = 45
-    stage.lr = 0.01
-    stage.schedule = "piecewise"
-    stage.decay_epochs = (15, 30)
-  c.alpha = 1.0
-  c.rho = 0.005
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2000
-  c.stages = "pretrain,finetune" if "finetune" in args else "pretrain,warmup,lns"
   if "smoke" in args:
-    c.model.name = "resnet18_tiny"
     c.data.image_size = 32
-    c.batch_size = 8
-    c.data.train_examples = 16
-    c.data.eval_examples = 8
-    for stage in (c.pretrain, c.warmup, c.lns, c.finetune):
-      stage.epochs = 1
-      stage.decay_epochs = ()
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 2
   return c

@@ -282,8 +282,14 @@ def make_eval_step(model):
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
-  """An exclusive lock on ``workdir`` (released by the OS even after kill -9)."""
-  path = os.path.join(workdir, ".lock")
+  """An exclusive lock on ``workdir`` (released by the OS even after kill -9).
+
+  One lock file per process of a multi-process run (``.lock`` for process 0, the one
+  a single-process run takes, ``.lock.<i>`` for process i): the processes of one run
+  share the workdir, another run's process i finds its lock taken.
+  """
+  pi = jax.process_index()
+  path = os.path.join(workdir, ".lock" if pi == 0 else f".lock.{pi}")
   f = open(path, "a+")
   try:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -303,7 +309,7 @@ def workdir_lock(workdir: str):
 def check_workdir_writable(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}_{os.getpid()}")
     with open(probe, "w") as f:
       f.write("x" * 4096)
       f.flush()
@@ -489,7 +495,10 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
         first_bad_step=-jnp.ones((), jnp.int32))
 
   replicated = parallel.replicated(mesh)
-  state = jax.jit(init_state, out_shardings=replicated)(start_variables)
+  # Initialisation runs once: compile it without XLA's optimisation passes, which
+  # cost 5-8x more compile time than the unrolled threefry initialisers ever run.
+  state = jax.jit(init_state, out_shardings=replicated,
+                  compiler_options=compiler_options(fast=True))(start_variables)
 
   ckpts = ckpt_lib.manager(os.path.join(stage_dir, "checkpoints"), keep=config.keep_checkpoints)
   best = ckpt_lib.manager(os.path.join(stage_dir, "best"), keep=1, best=True)
@@ -504,12 +513,13 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
   if best.best_step() is not None:
     best_top1 = float(best.metrics(best.best_step())["top1"]) if hasattr(best, "metrics") else -1.0
 
-  train_step = jax.jit(make_train_step(model, tx, config, stage, layers, schedule),
-                       in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  opts = compiler_options()
+  train_step = parallel.jit_data_parallel(
+      make_train_step(model, tx, config, stage, layers, schedule), mesh, compiler_options=opts)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                      out_shardings=replicated)
-  signs_fn = jax.jit(functools.partial(effective_signs, layers), out_shardings=replicated)
+                      out_shardings=replicated, compiler_options=opts)
+  signs_fn = jax.jit(functools.partial(effective_signs, layers), out_shardings=replicated,
+                     compiler_options=compiler_options(fast=True))
 
   def meta_for(step):
     return {"stage": stage, "step": int(step), "epoch": int(step // spe),
@@ -546,7 +556,12 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
       step += 1
       pending.append(m)
       n_log += 1
-      stop_now = ctx.preempt.signal is not None or (
+      signalled = ctx.preempt.signal is not None
+      if jax.process_count() > 1:
+        # The checkpoint is collective, so all processes must stop after the same step,
+        # and a signal may reach them steps apart: they agree at every log step.
+        signalled = step % config.log_every_steps == 0 and parallel.any_process(signalled)
+      stop_now = signalled or (
           ctx.stop_at is not None and ctx.stop_at[0] == stage and step >= ctx.stop_at[1])
       end_of_epoch = step % spe == 0 or step == total_steps
       if step % config.log_every_steps == 0 or end_of_epoch or stop_now:
@@ -616,6 +631,17 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
   return result
 
 
+_FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                 "xla_llvm_disable_expensive_passes": True}
+
+
+def compiler_options(fast=False):
+  """XLA options: ``fast`` (or LNS_FAST_COMPILE=1, which the tests set) trades run-time
+  speed for a several times quicker compile."""
+  fast = fast or os.environ.get("LNS_FAST_COMPILE") == "1"
+  return dict(_FAST_COMPILE) if fast else None
+
+
 def _check_finite(state, stage):
   bad = int(state.first_bad_step)
   if bad >= 0:
@@ -661,7 +687,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   check_workdir_writable(workdir)
   stages = config_lib.stage_names(config)
   with workdir_lock(workdir), _Preemption() as preempt:
-    data_lib.prepare(config)
+    parallel.main_process_first(data_lib.prepare, config)  # one build into a shared data_dir
     info = data_lib.get_info(config)
     _check_input_shape(config, info)
     start = None

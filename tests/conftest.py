@@ -8,6 +8,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tf.data is only the input pipeline: keep TensorFlow off any accelerator and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Compile time dominates the tiny test models: skip XLA's optimisation passes.
+os.environ.setdefault("LNS_FAST_COMPILE", "1")
 
 import pytest  # noqa: E402
 

@@ -55,3 +55,38 @@ def assert_same_variables(a, b, atol=1e-6):
   assert len(la) == len(lb)
   for x, y in zip(la, lb):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=atol)
+
+
+def write_cifar10_archive(manual_dir, per_batch, n_test, seed=0):
+  """Writes cifar-10-binary.tar.gz in the original layout (label byte + 3072 CHW bytes).
+
+  Returns (train images HWC, train labels, test images HWC, test labels).
+  """
+  import io
+  import pathlib
+  import tarfile
+  rng = np.random.RandomState(seed)
+
+  def records(n):
+    labels = rng.randint(0, 10, n).astype(np.uint8)
+    chw = rng.randint(0, 256, (n, 3, 32, 32)).astype(np.uint8)
+    blob = b"".join(bytes([l]) + im.tobytes() for l, im in zip(labels, chw))
+    return blob, chw.transpose(0, 2, 3, 1), labels
+
+  files, train_im, train_lb = {}, [], []
+  for i in range(1, 6):
+    files[f"data_batch_{i}.bin"], im, lb = records(per_batch)
+    train_im.append(im)
+    train_lb.append(lb)
+  files["test_batch.bin"], test_im, test_lb = records(n_test)
+  files["batches.meta.txt"] = "\n".join(
+      ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+       "truck"]).encode() + b"\n"
+  manual = pathlib.Path(manual_dir)
+  manual.mkdir(parents=True, exist_ok=True)
+  with tarfile.open(manual / "cifar-10-binary.tar.gz", "w:gz") as tar:
+    for name, blob in files.items():
+      info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+      info.size = len(blob)
+      tar.addfile(info, io.BytesIO(blob))
+  return np.concatenate(train_im), np.concatenate(train_lb), test_im, test_lb

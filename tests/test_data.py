@@ -11,6 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lns_testutil import write_cifar10_archive
+
 from lns_jax import data
 
 FMNIST_DIR = data.FASHION_MNIST_DEBIAN_DIR
@@ -60,31 +62,11 @@ CIFAR_PER_BATCH, CIFAR_TEST = 4, 7  # 20 train, 7 test examples
 def cifar(tmp_path_factory):
   """(config, train images HWC, train labels, test images, test labels)."""
   root = tmp_path_factory.mktemp("cifar")
-  rng = np.random.RandomState(0)
-  def records(n):
-    labels = rng.randint(0, 10, n).astype(np.uint8)
-    chw = rng.randint(0, 256, (n, 3, 32, 32)).astype(np.uint8)
-    blob = b"".join(bytes([l]) + im.tobytes() for l, im in zip(labels, chw))
-    return blob, chw.transpose(0, 2, 3, 1), labels
-  files, train_im, train_lb = {}, [], []
-  for i in range(1, 6):
-    files[f"data_batch_{i}.bin"], im, lb = records(CIFAR_PER_BATCH)
-    train_im.append(im)
-    train_lb.append(lb)
-  files["test_batch.bin"], test_im, test_lb = records(CIFAR_TEST)
-  files["batches.meta.txt"] = "\n".join(
-      ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-       "truck"]).encode() + b"\n"
-  manual = root / "data" / "downloads" / "manual"
-  manual.mkdir(parents=True)
-  with tarfile.open(manual / "cifar-10-binary.tar.gz", "w:gz") as tar:
-    for name, blob in files.items():
-      info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
-      info.size = len(blob)
-      tar.addfile(info, io.BytesIO(blob))
+  train_im, train_lb, test_im, test_lb = write_cifar10_archive(
+      root / "data" / "downloads" / "manual", CIFAR_PER_BATCH, CIFAR_TEST)
   config = make_config(name="cifar10", data_dir=str(root / "data"), augment=False)
   data.prepare(config)
-  return config, np.concatenate(train_im), np.concatenate(train_lb), test_im, test_lb
+  return config, train_im, train_lb, test_im, test_lb
 
 
 def test_cifar_eval_matches_raw_bytes(cifar):

@@ -10,7 +10,8 @@ import pytest
 from lns_jax import checkpoint as ckpt_lib
 from lns_jax import trainer
 
-pytestmark = pytest.mark.slow
+# Tests that share the session's smoke run go to one xdist worker, so it is trained once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("full_run")]
 
 from lns_testutil import assert_same_variables, smoke_config
 

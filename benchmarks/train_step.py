@@ -1,0 +1,163 @@
+"""Train-step cost: baseline (``sign``) vs LNS step, ResNet-20 and ResNet-18.
+
+  python benchmarks/train_step.py                 # both models, CPU-sized defaults
+  python benchmarks/train_step.py --r18_batch=256 --steps=20   # on a GPU
+
+Prints a Markdown table: ms/step, images/s, compile time and peak memory of the
+jitted train step of each stage kind, the LNS/baseline ratio, then the input
+pipeline's wait on real Fashion-MNIST, and the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lns_jax import config as config_lib  # noqa: E402
+from lns_jax import parallel, trainer  # noqa: E402
+
+
+def make_config(model, image_size, channels, batch):
+  c = config_lib.base_config()
+  c.model.name = model
+  if model.startswith("resnet18"):
+    c.model.input_binarizer = "approx_sign"
+    c.model.weight_scale = "channel"
+  c.batch_size = batch
+  c.data.image_size = image_size
+  return c
+
+
+def bench_step(config, stage, image_shape, num_classes, steps, warmup=2):
+  mesh = parallel.make_mesh()
+  model = trainer.build_model(config, stage, num_classes)
+  layers = trainer.binary_layers(model, image_shape)
+  schedule = trainer.learning_rate_schedule(config[stage], 100)
+  tx = trainer.make_optimizer(config, stage, schedule)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
+  params, bs = variables["params"], variables["batch_stats"]
+  signs = trainer.effective_signs(layers, params, bs)
+  state = trainer.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=bs, opt_state=tx.init(params),
+      signs_prev=signs, signs_init=signs, labels={}, skipped=jnp.zeros((), jnp.int32),
+      first_bad_step=-jnp.ones((), jnp.int32))
+  rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  state = jax.device_put(state, rep)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((config.batch_size, *image_shape), np.float32),
+           "label": rng.integers(0, num_classes, config.batch_size).astype(np.int32),
+           "mask": np.ones(config.batch_size, np.float32)}
+  batch = parallel.shard_batch(batch, mesh)
+  step = jax.jit(trainer.make_train_step(model, tx, config, stage, layers, schedule),
+                 in_shardings=(rep, bsh), out_shardings=(rep, rep), donate_argnums=(0,))
+  t = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  for _ in range(warmup):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = compiled(state, batch)
+    jax.block_until_ready((state, m))
+    times.append(time.perf_counter() - t)
+  ms = 1000 * statistics.median(times)
+  mem = compiled.memory_analysis()
+  peak = None
+  if mem is not None:
+    peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes) / 2**20
+  return {"ms": ms, "ips": config.batch_size / ms * 1000, "compile_s": compile_s,
+          "peak_mib": peak}
+
+
+def input_wait(batch, steps):
+  """Runs the real Fashion-MNIST pipeline next to the ResNet-20 LNS step."""
+  from lns_jax import data
+  c = make_config("resnet20", None, 1, batch)
+  c.data.name = "fashion_mnist"
+  data.prepare(c)
+  info = data.get_info(c)
+  mesh = parallel.make_mesh()
+  model = trainer.build_model(c, "lns", info.num_classes)
+  layers = trainer.binary_layers(model, info.image_shape)
+  schedule = trainer.learning_rate_schedule(c.lns, 100)
+  tx = trainer.make_optimizer(c, "lns", schedule)
+  v = model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False)
+  signs = trainer.effective_signs(layers, v["params"], v["batch_stats"])
+  state = trainer.TrainState(
+      step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
+      opt_state=tx.init(v["params"]), signs_prev=signs, signs_init=signs, labels={},
+      skipped=jnp.zeros((), jnp.int32), first_bad_step=-jnp.ones((), jnp.int32))
+  step = jax.jit(trainer.make_train_step(model, tx, c, "lns", layers, schedule),
+                 donate_argnums=(0,))
+  it = data.train_iterator(c, epoch=0)
+  state, _ = step(state, parallel.shard_batch(next(it), mesh))  # compile
+  jax.block_until_ready(state)
+  wait, t0 = 0.0, time.perf_counter()
+  for _ in range(steps):
+    t = time.perf_counter()
+    b = next(it)
+    wait += time.perf_counter() - t
+    state, m = step(state, parallel.shard_batch(b, mesh))
+  jax.block_until_ready(state)
+  total = time.perf_counter() - t0
+  return wait, total
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--r20_batch", type=int, default=128)
+  p.add_argument("--r18_batch", type=int, default=0,
+                 help="0: 256 on GPU/TPU, 16 on CPU (a 224x224 ResNet-18 step at 256 takes "
+                      "minutes on 2 cores)")
+  p.add_argument("--r18_size", type=int, default=224)
+  p.add_argument("--skip_r18", action="store_true")
+  p.add_argument("--skip_input", action="store_true")
+  args = p.parse_args()
+  dev = jax.devices()[0]
+  r18_batch = args.r18_batch or (16 if dev.platform == "cpu" else 256)
+  print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs; python {platform.python_version()}; jax {jax.__version__}, "
+        f"jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}; "
+        f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform})")
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
+  cases = [("resnet20", 32, 3, args.r20_batch, 10)]
+  if not args.skip_r18:
+    cases.append(("resnet18", args.r18_size, 3, r18_batch, 1000))
+  print("| model | input | batch | step | ms/step | images/s | compile s | peak MiB | LNS/baseline |")
+  print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+  for model, size, ch, batch, classes in cases:
+    c = make_config(model, size, ch, batch)
+    base = None
+    for stage, label in (("pretrain", "baseline (sign)"), ("lns", "LNS (Eq. 21)")):
+      r = bench_step(c, stage, (size, size, ch), classes, args.steps)
+      base = base or r["ms"]
+      peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
+      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {r['ms']:.1f} | "
+            f"{r['ips']:.0f} | {r['compile_s']:.1f} | {peak} | {r['ms'] / base:.2f}x |",
+            flush=True)
+  print(f"\nprocess peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+  if not args.skip_input:
+    wait, total = input_wait(args.r20_batch, 3 * args.steps)
+    print(f"\ninput pipeline (real Fashion-MNIST, ResNet-20 LNS step, batch {args.r20_batch}, "
+          f"{3 * args.steps} steps): waited {1000 * wait:.1f} ms of {total:.1f} s "
+          f"({100 * wait / total:.2f}% of the step time)")
+
+
+if __name__ == "__main__":
+  main()
