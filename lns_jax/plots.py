@@ -88,7 +88,7 @@ def _panel(ax, runs, key, title, ylabel, several):
         ax.plot([offset + x for x in xs], ys, label=label, marker="." if len(xs) < 30 else None)
         if key == "flip_rate_epoch" and d["flip_rate_init"][0]:
           xi, yi = d["flip_rate_init"]
-          ax.plot([offset + x for x in xi], yi, linestyle="--",
+          ax.plot([offset + x for x in xi], yi, linestyle="--", marker="x",
                   label=f"{label} (vs. start)")
       xs_all = [x for k in d for x in d[k][0]]
       offset += max(xs_all, default=0.0)

@@ -577,13 +577,13 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
         progress.update(step, f"ce {mean['ce']:.3f} top1 {mean['top1']:.3f}")
         t_log, n_log, wait = time.time(), 0, 0.0
       if end_of_epoch:
-        ep = math.ceil(step / spe)
+        ep = step / spe  # fractional when a stage ends mid-epoch
         signs = signs_fn(state.params, state.batch_stats)
         flips = _flip_rates(_host(state.signs_prev), _host(signs), _host(state.signs_init))
         state = state.replace(signs_prev=signs)
         rec = {"stage": stage, "kind": "epoch", "step": step, "epoch": ep,
                "flip_rate_epoch": flips[0], "flip_rate_init": flips[1]}
-        if ep % config.eval_every_epochs == 0 or step == total_steps:
+        if round(ep) % config.eval_every_epochs == 0 or step == total_steps:
           variables = {"params": state.params, "batch_stats": state.batch_stats}
           ev = evaluate(eval_step, variables, config, "test", mesh)
           rec.update({f"test_{k}": v for k, v in ev.items()})
@@ -596,7 +596,7 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
             _check_finite(state, stage)
             save(best, step, state, metrics={"top1": sel})
         ctx.writer.write(rec, step)
-        progress.line(f"[{stage}] epoch {ep} step {step}/{total_steps}: train ce "
+        progress.line(f"[{stage}] epoch {ep:g} step {step}/{total_steps}: train ce "
                       f"{record['ce']:.4f} top1 {record['top1']:.4f}"
                       + (f" | test top1 {rec['test_top1']:.4f} top5 {rec['test_top5']:.4f}"
                          if "test_top1" in rec else "")
