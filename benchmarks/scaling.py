@@ -1,0 +1,183 @@
+"""Data-parallel scaling of the train step: 1 vs N devices at a fixed global batch.
+
+  python benchmarks/scaling.py                       # ResNet-20, batch 128, 1 and 2 CPU devices
+  python benchmarks/scaling.py --devices=1,2,4,8 --platform=gpu --steps=50   # on a GPU box
+
+Each device count runs in its own subprocess: on CPU the devices are XLA's host
+devices (``--xla_force_host_platform_device_count=N``, all sharing this machine's
+cores), on an accelerator the first N devices. The step is the trainer's own
+(``trainer.make_train_step`` jitted by ``parallel.jit_data_parallel``: batch sharded on
+``data``, state replicated and donated), for the baseline (``sign`` weights) and the
+LNS stage (mapping networks, Eq. 21). Prints a Markdown table: ms/step, images/s,
+the speed-up over 1 device, XLA's FLOP count per device and step (the mapping networks
+are not split: their FLOPs are in every device's count), and the compile time; then
+the machine, the versions and the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = {"pretrain": "baseline (sign)", "lns": "LNS (Eq. 21)"}
+
+
+def worker(args):
+  """One device count: prints one JSON line per stage."""
+  sys.path.insert(0, ROOT)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from lns_jax import config as config_lib
+  from lns_jax import parallel, trainer
+
+  devices = jax.devices()[:args.num_devices]
+  if len(devices) < args.num_devices:
+    raise SystemExit(f"asked for {args.num_devices} devices, have {len(jax.devices())}")
+  mesh = parallel.make_mesh(devices)
+  config = config_lib.base_config()
+  config.model.name = args.model
+  config.batch_size = args.batch
+  config_lib.validate(config, num_devices=len(devices))
+  shape = (args.image_size, args.image_size, 3)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((args.batch, *shape), np.float32),
+           "label": rng.integers(0, 10, args.batch).astype(np.int32),
+           "mask": np.ones(args.batch, np.float32)}
+  for stage in args.stages.split(","):
+    model = trainer.build_model(config, stage, 10)
+    layers = trainer.binary_layers(model, shape)
+    schedule = trainer.learning_rate_schedule(config[stage], 100)
+    tx = trainer.make_optimizer(config, stage, schedule)
+
+    def init():
+      v = model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
+      signs = trainer.effective_signs(layers, v["params"], v["batch_stats"])
+      return trainer.TrainState(
+          step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
+          opt_state=tx.init(v["params"]), signs_prev=signs, signs_init=signs, labels={},
+          skipped=jnp.zeros((), jnp.int32), first_bad_step=-jnp.ones((), jnp.int32))
+
+    # The initializers compile ~10x faster at XLA's level 0; the step itself is compiled
+    # as the trainer compiles it.
+    state = jax.device_get(jax.jit(init).lower().compile({"xla_backend_optimization_level": 0})())
+    state = jax.device_put(state, parallel.replicated(mesh))
+    gbatch = parallel.shard_batch(batch, mesh)
+    step = parallel.jit_data_parallel(
+        trainer.make_train_step(model, tx, config, stage, layers, schedule), mesh)
+    t = time.perf_counter()
+    compiled = step.lower(state, gbatch).compile()
+    compile_s = time.perf_counter() - t
+    for _ in range(args.warmup):
+      state, m = compiled(state, gbatch)
+    jax.block_until_ready((state, m))
+    times = []
+    for _ in range(args.steps):
+      t = time.perf_counter()
+      state, m = compiled(state, gbatch)
+      jax.block_until_ready((state, m))
+      times.append(time.perf_counter() - t)
+    cost = compiled.cost_analysis() or {}
+    print(json.dumps({"stage": stage, "devices": len(devices), "ms": 1000 * statistics.median(times),
+                      "ms_min": 1000 * min(times), "compile_s": compile_s,
+                      "flops": cost.get("flops"), "device_kind": devices[0].device_kind,
+                      "platform": devices[0].platform}), flush=True)
+
+
+def _cpu_name():
+  try:
+    with open("/proc/cpuinfo") as f:
+      m = re.search(r"model name\s*:\s*(.*)", f.read())
+      return m.group(1).strip() if m else platform.processor()
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def _versions():
+  out = {}
+  for name in ("jax", "jaxlib", "flax", "optax"):
+    try:
+      from importlib.metadata import version
+      out[name] = version(name)
+    except Exception:  # pylint: disable=broad-except
+      out[name] = "?"
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--devices", default="1,2", help="comma-separated device counts")
+  p.add_argument("--platform", default="cpu", help="'cpu' (fake host devices) or 'gpu'/'tpu'")
+  p.add_argument("--model", default="resnet20")
+  p.add_argument("--image_size", type=int, default=32)
+  p.add_argument("--batch", type=int, default=128, help="global batch, the same for every count")
+  p.add_argument("--stages", default="pretrain,lns")
+  p.add_argument("--steps", type=int, default=10, help="timed steps (median and best reported)")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--timeout", type=int, default=600, help="seconds per device count")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--num_devices", type=int, default=1, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.worker:
+    return worker(args)
+
+  load_before = os.getloadavg()
+  t0 = time.time()
+  rows = []
+  for n in [int(x) for x in args.devices.split(",")]:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if args.platform == "cpu":
+      flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+      env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+      env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--num_devices={n}",
+           f"--model={args.model}", f"--image_size={args.image_size}", f"--batch={args.batch}",
+           f"--stages={args.stages}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode:
+      sys.exit(f"{n} devices failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    rows += [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  load_after = os.getloadavg()
+
+  first = min(x["devices"] for x in rows)
+  base = {r["stage"]: r for r in rows if r["devices"] == first}
+  print(f"| model | step | devices | global batch | per device | ms/step median (best) | "
+        f"images/s | speed-up median (best) | GFLOP/step/device | compile s |")
+  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for r in sorted(rows, key=lambda r: (list(STAGES).index(r["stage"]) if r["stage"] in STAGES
+                                       else 9, r["devices"])):
+    flops = f"{r['flops'] / 1e9:.2f}" if r.get("flops") else "n/a"
+    print(f"| {args.model} | {STAGES.get(r['stage'], r['stage'])} | {r['devices']} | {args.batch} "
+          f"| {args.batch // r['devices']} | {r['ms']:.0f} ({r['ms_min']:.0f}) "
+          f"| {args.batch / r['ms'] * 1000:.1f} | {base[r['stage']]['ms'] / r['ms']:.2f}x "
+          f"({base[r['stage']]['ms_min'] / r['ms_min']:.2f}x) | {flops} | {r['compile_s']:.1f} |")
+  # The mapping networks are replicated: F_N = (F_1 - M) / N + M, so M = (N F_N - F_1) / (N - 1).
+  notes = []
+  for stage in STAGES:
+    f = {r["devices"]: r.get("flops") for r in rows if r["stage"] == stage}
+    if 1 in f and len(f) > 1 and all(f.values()):
+      n = max(f)
+      unsplit = (n * f[n] - f[1]) / (n - 1)
+      notes.append(f"{STAGES[stage]}: {unsplit / 1e9:.2f} GFLOP/step are not split over devices "
+                   f"({100 * unsplit / f[1]:.0f}% of the 1-device step)")
+  v = _versions()
+  dev = rows[0]
+  print(f"\n{'; '.join(notes)}." if notes else "")
+  print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, {platform.platform()}; devices: "
+        f"{dev['platform']} ({dev['device_kind']}){' (XLA host devices sharing those cores)' if args.platform == 'cpu' else ''}")
+  print(f"versions: python {platform.python_version()}, jax {v['jax']}, jaxlib {v['jaxlib']}, "
+        f"flax {v['flax']}, optax {v['optax']}")
+  print(f"median and best of {args.steps} steps after {args.warmup} warm-up; load average (1 min) "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  main()

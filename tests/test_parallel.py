@@ -1,0 +1,208 @@
+"""Data parallelism on the 8 fake CPU devices of tests/conftest.py.
+
+One jitted LNS train step (``lns`` weights, the Eq. 21 objective; built by
+``trainer.make_train_step`` and jitted by ``parallel.jit_data_parallel``, exactly as
+the trainer does) runs a few steps on the same global batches of real Fashion-MNIST
+images, once on 1 device and once on 8. The results must agree: gradients and
+BatchNorm statistics are those of the global batch. The model is a two-block ResNet
+(4 channels, one downsampling block) so that the two compiles fit the time budget.
+"""
+
+import functools
+import re
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lns_jax import config as config_lib
+from lns_jax import data as data_lib
+from lns_jax import parallel, trainer
+from lns_jax.models.resnet_cifar import ResNetCifar
+from lns_testutil import smoke_config
+
+STAGE = "lns"
+STEPS = 3
+NUM_DEVICES = 8
+
+
+def _model(config):
+  return ResNetCifar(num_classes=10, stage_sizes=(1, 1), width=4, weight_binarizer="lns",
+                     input_binarizer=config.model.input_binarizer,
+                     weight_scale=config.model.weight_scale, clip=config.model.clip,
+                     mapping_output=config.mapping.output, mapping_clip=config.mapping.clip)
+
+
+def _initial_state(model, tx, layers, image_shape):
+  """The trainer's initial state of a stage started from scratch (host arrays)."""
+  def init():
+    variables = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
+    params, bstats = variables["params"], variables["batch_stats"]
+    signs = trainer.effective_signs(layers, params, bstats)
+    return trainer.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=bstats,
+        opt_state=tx.init(params), signs_prev=signs, signs_init=signs, labels={},
+        skipped=jnp.zeros((), jnp.int32), first_bad_step=-jnp.ones((), jnp.int32))
+  # One compile instead of one per operation; XLA's CPU backend takes ~10x longer on
+  # the random initializers at its default optimization level than at 0.
+  compiled = jax.jit(init).lower().compile({"xla_backend_optimization_level": 0})
+  return jax.device_get(compiled())
+
+
+def _run(devices, step_fn, state0, batches):
+  mesh = parallel.make_mesh(devices)
+  state = jax.device_put(state0, parallel.replicated(mesh))  # a fresh copy (it is donated)
+  global_batches = [parallel.shard_batch(b, mesh) for b in batches]
+  step = parallel.jit_data_parallel(step_fn, mesh, compiler_options=trainer.compiler_options())
+  compiled = step.lower(state, global_batches[0]).compile()
+  metrics, donated = [], []
+  with jax.transfer_guard("disallow"):  # no implicit host<->device transfer in a step
+    for batch in global_batches:
+      old = state
+      state, m = compiled(state, batch)
+      donated.append(all(x.is_deleted() for x in jax.tree.leaves(old.params)))
+      metrics.append(m)
+  return {"state": state, "metrics": jax.device_get(metrics), "donated": donated,
+          "batch": global_batches[0], "hlo": compiled.as_text(),
+          "flops": (compiled.cost_analysis() or {}).get("flops")}
+
+
+@pytest.fixture(scope="module")
+def runs():
+  assert len(jax.devices()) == NUM_DEVICES, "tests/conftest.py sets 8 CPU devices"
+  config = smoke_config()  # batch 32 of 128 real Fashion-MNIST images
+  info = data_lib.get_info(config)
+  model = _model(config)
+  layers = trainer.binary_layers(model, info.image_shape)
+  spe = data_lib.steps_per_epoch(config)
+  schedule = trainer.learning_rate_schedule(config[STAGE], spe)
+  tx = trainer.make_optimizer(config, STAGE, schedule)
+  step_fn = trainer.make_train_step(model, tx, config, STAGE, layers, schedule)
+  batches = list(data_lib.train_iterator(config, epoch=0))[:STEPS]
+  state0 = _initial_state(model, tx, layers, info.image_shape)
+  kernels = {path: trainer._subtree(state0.params, path)["kernel"].shape for path in layers}
+  return {"config": config, "layers": layers, "kernels": kernels, "params0": state0.params,
+          "one": _run(jax.devices()[:1], step_fn, state0, batches),
+          "all": _run(jax.devices(), step_fn, state0, batches)}
+
+
+def test_eight_devices_compute_what_one_device_computes(runs):
+  # One test on purpose: the fixture's compiled runs live in this process, and
+  # pytest-xdist would rebuild a module fixture on every worker it sends a test to.
+  _check_same_params_and_metrics(runs)
+  _check_batch_split_state_replicated_and_donated(runs)
+  _check_mapping_runs_once_per_device_on_the_whole_kernel(runs)
+
+
+def _check_same_params_and_metrics(runs):
+  one, many = runs["one"], runs["all"]
+  for name in ("params", "batch_stats", "opt_state"):
+    a, b = jax.device_get(getattr(one["state"], name)), jax.device_get(getattr(many["state"], name))
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-6,
+                                   err_msg=name), a, b)
+  assert int(one["state"].step) == int(many["state"].step) == STEPS
+  for m1, m8 in zip(one["metrics"], many["metrics"]):
+    assert set(m1) == set(m8)
+    assert any(k.startswith("aux/") for k in m1)  # the Eq. 21 terms of every LNS layer
+    for k in m1:
+      np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  # The parameters moved: the comparison is not of two untouched initial states.
+  moved = jax.tree.map(lambda a, b: not np.allclose(a, b), runs["params0"],
+                       jax.device_get(many["state"].params))
+  assert all(jax.tree.leaves(moved))
+
+
+def _check_batch_split_state_replicated_and_donated(runs):
+  many = runs["all"]
+  image = many["batch"]["image"]
+  assert image.shape[0] == runs["config"].batch_size
+  assert len(image.addressable_shards) == NUM_DEVICES
+  assert {s.data.shape[0] for s in image.addressable_shards} == {
+      runs["config"].batch_size // NUM_DEVICES}
+  for leaf in jax.tree.leaves(many["state"]):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == NUM_DEVICES
+  assert all(many["donated"]) and all(runs["one"]["donated"])
+
+
+_CONV = re.compile(r"= f32\[([\d,]*)\]\{[^}]*\} convolution\(.*?window=\{size=(\d+)x(\d+)")
+
+
+def _mapping_convs(hlo: str) -> Counter:
+  """Output shapes of the convolutions of the mapping networks in a compiled program.
+
+  Their inputs are filters seen as k x k images (here 3x3) and they use 3x3 windows;
+  the network's own convolutions act on 28/14/7-pixel activations (outputs of that
+  size, or windows of that size for their weight gradients).
+  """
+  shapes = Counter()
+  for dims, wh, ww in _CONV.findall(hlo):
+    dims = tuple(int(d) for d in dims.split(",") if d)
+    if (wh, ww) == ("3", "3") and any(dims[i:i + 2] == (3, 3) for i in range(len(dims) - 1)):
+      shapes[dims] += 1
+  return shapes
+
+
+def _check_mapping_runs_once_per_device_on_the_whole_kernel(runs):
+  one, many = _mapping_convs(runs["one"]["hlo"]), _mapping_convs(runs["all"]["hlo"])
+  assert one, "no mapping-network convolution found in the compiled step"
+  # The 8-device program (per-device shapes after partitioning) holds the same mapping
+  # convolutions, with the same shapes, as the 1-device one: not split over devices.
+  assert many == one
+  for path, (kh, kw, c, n) in runs["kernels"].items():
+    # f_theta's first conv maps all n filters (k x k x c images) to 2c channels.
+    assert many[(n, kh, kw, 2 * c)] >= 1, (path, (n, kh, kw, 2 * c), sorted(many))
+  # And the network itself is split: its first conv sees 32 / 8 images per device.
+  per_device = runs["config"].batch_size // NUM_DEVICES
+  assert re.search(rf"f32\[{per_device},28,28,4\]\{{[^}}]*\}} convolution\(", runs["all"]["hlo"])
+
+
+def test_batch_size_not_divisible_by_devices_is_one_clear_error(tmp_path):
+  config = smoke_config(batch_size=36)
+  with pytest.raises(config_lib.ConfigError, match=r"^config\.batch_size: 36 must be a multiple "
+                                                   r"of the number of devices \(8\)"):
+    config_lib.validate(config, num_devices=NUM_DEVICES)
+  config_lib.validate(config, num_devices=4)  # fine on 4 devices
+  # train() checks before it builds, compiles or writes anything.
+  workdir = tmp_path / "never"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.batch_size"):
+    trainer.train(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_shard_batch_assembles_the_global_batch():
+  mesh = parallel.make_mesh()
+  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  out = parallel.shard_batch({"x": x}, mesh)["x"]
+  np.testing.assert_array_equal(np.asarray(out), x)
+  for shard in out.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), x[shard.index])
+  with pytest.raises(ValueError, match="multiple of this process's 8 devices"):
+    parallel.shard_batch({"x": x[:12]}, mesh)
+
+
+def test_initialize_distributed_from_flags_or_environment(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(k))
+  for var in ("LNS_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS", "LNS_NUM_PROCESSES",
+              "LNS_PROCESS_ID", "LNS_COORDINATOR_BIND_ADDRESS"):
+    monkeypatch.delenv(var, raising=False)
+  assert parallel.initialize_distributed() is False and not calls
+  assert parallel.initialize_distributed("10.0.0.1:1234", 4, 3)
+  assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                       "process_id": 3, "local_device_ids": None}
+  monkeypatch.setenv("LNS_COORDINATOR_ADDRESS", "127.0.0.1:999")
+  monkeypatch.setenv("LNS_NUM_PROCESSES", "2")
+  monkeypatch.setenv("LNS_PROCESS_ID", "1")
+  monkeypatch.setenv("LNS_COORDINATOR_BIND_ADDRESS", "127.0.0.1:999")
+  assert parallel.initialize_distributed()
+  assert calls[-1] == {"coordinator_address": "127.0.0.1:999", "num_processes": 2,
+                       "process_id": 1, "local_device_ids": None,
+                       "coordinator_bind_address": "127.0.0.1:999"}
+  with pytest.raises(ValueError, match="process_id 2 must be in"):
+    parallel.initialize_distributed("127.0.0.1:999", 2, 2)
+  monkeypatch.setenv("LNS_COORDINATOR_ADDRESS", "auto")
+  assert parallel.initialize_distributed()
+  assert calls[-1] == {}
+  assert parallel.any_process(True) and not parallel.any_process(False)  # one process
