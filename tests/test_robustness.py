@@ -17,8 +17,6 @@ from lns_jax import trainer
 from lns_testutil import ROOT, SMOKE_FLAGS, assert_same_variables, smoke_config
 
 pytestmark = pytest.mark.slow
-# Tests that share the session's smoke run go to one xdist worker, so it is trained once.
-shares_full_run = pytest.mark.xdist_group("full_run")
 
 
 def _steps(folder):
@@ -43,7 +41,6 @@ def _wait_for(predicate, proc, timeout=240):
     time.sleep(0.05)
 
 
-@shares_full_run
 def test_sigterm_then_kill9_then_resume_matches_uninterrupted(full_run, tmp_path):
   reference, _ = full_run
   workdir = str(tmp_path / "run")
@@ -72,7 +69,6 @@ def test_sigterm_then_kill9_then_resume_matches_uninterrupted(full_run, tmp_path
                           ckpt_lib.load_variables(os.path.join(workdir, stage)))
 
 
-@shares_full_run
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(full_run, tmp_path, capsys):
   reference, _ = full_run
   workdir = str(tmp_path / "run")

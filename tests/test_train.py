@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -10,8 +11,7 @@ import pytest
 from lns_jax import checkpoint as ckpt_lib
 from lns_jax import trainer
 
-# Tests that share the session's smoke run go to one xdist worker, so it is trained once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("full_run")]
+pytestmark = pytest.mark.slow
 
 from lns_testutil import assert_same_variables, smoke_config
 
@@ -67,8 +67,10 @@ def test_warmup_trains_only_the_mapping(full_run):
   assert any(not np.array_equal(fw[k], fl[k]) for k in fp)  # lns trains everything
 
 
-def test_finished_stages_are_not_run_again(full_run, capsys):
-  workdir, results = full_run
+def test_finished_stages_are_not_run_again(full_run, tmp_path, capsys):
+  workdir = str(tmp_path / "copy")  # the shared run stays untouched for other workers
+  shutil.copytree(full_run[0], workdir)
+  results = full_run[1]
   before = {s: os.path.getmtime(os.path.join(workdir, s, "result.json")) for s in results}
   again = trainer.train(smoke_config(), workdir)
   assert again == results
