@@ -51,7 +51,7 @@ def bench_step(config, stage, image_shape, num_classes, steps, warmup=2):
   signs = trainer.effective_signs(layers, params, bs)
   state = trainer.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=bs, opt_state=tx.init(params),
-      signs_prev=signs, signs_init=signs, labels={}, skipped=jnp.zeros((), jnp.int32),
+      signs_prev=signs, signs_init=jax.tree.map(jnp.copy, signs), labels={}, skipped=jnp.zeros((), jnp.int32),
       first_bad_step=-jnp.ones((), jnp.int32))
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   state = jax.device_put(state, rep)
@@ -100,7 +100,7 @@ def input_wait(batch, steps):
   signs = trainer.effective_signs(layers, v["params"], v["batch_stats"])
   state = trainer.TrainState(
       step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
-      opt_state=tx.init(v["params"]), signs_prev=signs, signs_init=signs, labels={},
+      opt_state=tx.init(v["params"]), signs_prev=signs, signs_init=jax.tree.map(jnp.copy, signs), labels={},
       skipped=jnp.zeros((), jnp.int32), first_bad_step=-jnp.ones((), jnp.int32))
   step = jax.jit(trainer.make_train_step(model, tx, c, "lns", layers, schedule),
                  donate_argnums=(0,))

@@ -15,32 +15,20 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lns_jax.layers import BinaryConv
+from lns_jax.models.common import BinaryNet
 
 
-class AlexNet(nn.Module):
+class AlexNet(BinaryNet):
   num_classes: int = 1000
   widths: tuple = (96, 256, 384, 384, 256)
   hidden: int = 4096
-  weight_binarizer: str = "sign"
-  input_binarizer: str = "ste_sign"
-  weight_scale: str = "layer"
-  clip: float = 1.0
-  mapping_output: str = "raw"
-  mapping_clip: float = 1.0
-  bn_momentum: float = 0.9
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    def binary(features, kernel, name, strides=(1, 1), padding="SAME", weights=None):
-      return BinaryConv(features, kernel, strides=strides, padding=padding,
-                        weight_binarizer=weights or self.weight_binarizer,
-                        input_binarizer=self.input_binarizer, weight_scale=self.weight_scale,
-                        clip=self.clip, mapping_output=self.mapping_output,
-                        mapping_clip=self.mapping_clip, dtype=self.dtype, name=name)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, dtype=self.dtype)
+    def binary(features, kernel, name, weights=None):
+      conv = self.binary_conv(weight_binarizer=weights or self.weight_binarizer)
+      return conv(features, kernel, name=name)
+    norm = self.batch_norm(train)
     pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2))
     w = self.widths
     x = nn.Conv(w[0], (11, 11), strides=(4, 4), padding=[(2, 2), (2, 2)], use_bias=False,

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lns_jax.layers import BinaryConv
+from lns_jax.models.common import BinaryNet
 
 ModuleDef = Any
 
@@ -41,31 +41,15 @@ class BasicBlock(nn.Module):
     return y + residual
 
 
-class ResNetCifar(nn.Module):
+class ResNetCifar(BinaryNet):
   """ResNet-(6n+2) for 32x32 (or 28x28) inputs; ``stage_sizes=(3, 3, 3)`` is ResNet-20."""
   num_classes: int = 10
   stage_sizes: Sequence[int] = (3, 3, 3)
   width: int = 16
-  weight_binarizer: str = "sign"
-  input_binarizer: str = "ste_sign"
-  weight_scale: str = "layer"
-  clip: float = 1.0
-  mapping_output: str = "raw"
-  mapping_clip: float = 1.0
-  bn_momentum: float = 0.9
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(
-        BinaryConv, use_bias=False, weight_binarizer=self.weight_binarizer,
-        input_binarizer=self.input_binarizer, weight_scale=self.weight_scale,
-        clip=self.clip, mapping_output=self.mapping_output, mapping_clip=self.mapping_clip,
-        dtype=self.dtype)
-    fp_conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                                kernel_init=nn.initializers.kaiming_normal())
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, dtype=self.dtype)
+    conv, fp_conv, norm = self.binary_conv(), self.fp_conv(), self.batch_norm(train)
     x = fp_conv(self.width, (3, 3), name="conv_init")(x)
     # No ReLU before the first binary conv: with sign(0) = +1, sign(relu(.)) is +1
     # everywhere and that conv would see a constant input (as in Bi-Real Net's stem).

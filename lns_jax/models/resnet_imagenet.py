@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lns_jax.layers import BinaryConv
+from lns_jax.models.common import BinaryNet
 
 ModuleDef = Any
 
@@ -49,31 +49,17 @@ class BiRealBlock(nn.Module):
     return y + residual
 
 
-class BiRealResNet(nn.Module):
+class BiRealResNet(BinaryNet):
   """Bi-Real ResNet; ``stage_sizes=(2, 2, 2, 2)`` is ResNet-18 (two convs a basic block)."""
   num_classes: int = 1000
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
-  weight_binarizer: str = "sign"
   input_binarizer: str = "approx_sign"
   weight_scale: str = "channel"
-  clip: float = 1.0
-  mapping_output: str = "raw"
-  mapping_clip: float = 1.0
-  bn_momentum: float = 0.9
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(
-        BinaryConv, use_bias=False, weight_binarizer=self.weight_binarizer,
-        input_binarizer=self.input_binarizer, weight_scale=self.weight_scale,
-        clip=self.clip, mapping_output=self.mapping_output, mapping_clip=self.mapping_clip,
-        dtype=self.dtype)
-    fp_conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                                kernel_init=nn.initializers.kaiming_normal())
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, dtype=self.dtype)
+    conv, fp_conv, norm = self.binary_conv(), self.fp_conv(), self.batch_norm(train)
     x = fp_conv(self.width, (7, 7), strides=(2, 2), padding=[(3, 3), (3, 3)],
                 name="conv_init")(x)
     # No ReLU (Bi-Real Net's stem is conv-BN-maxpool): with sign(0) = +1, sign(relu(.))
