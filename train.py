@@ -29,8 +29,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every file at INFO
+  from lns_jax.cli import quiet_logging
+  quiet_logging()
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   import jax

@@ -418,9 +418,9 @@ def format_report(r: dict) -> str:
 
 def main(argv):
   del argv
-  from absl import flags, logging
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and XLA log at INFO
+  from absl import flags
+  from lns_jax.cli import quiet_logging
+  quiet_logging()
   F = flags.FLAGS
   try:
     report = export(F.workdir, F.out, F.stage or None)

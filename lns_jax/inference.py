@@ -212,9 +212,9 @@ def evaluate(model: InferenceModel, config=None, split: str = "test",
 
 def main(argv):
   del argv
-  from absl import flags, logging
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and XLA log at INFO
+  from absl import flags
+  from lns_jax.cli import quiet_logging
+  quiet_logging()
   F = flags.FLAGS
   try:
     config = F.config

@@ -255,9 +255,9 @@ def format_table(summary: ModelSummary) -> str:
 
 def main(argv):
   del argv
-  from absl import flags, logging
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and XLA log at INFO
+  from absl import flags
+  from lns_jax.cli import quiet_logging
+  quiet_logging()
   summary = summarize(flags.FLAGS.config)
   if flags.FLAGS.json:
     print(json.dumps(summary.as_dict(), indent=2))
