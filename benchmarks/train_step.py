@@ -122,6 +122,9 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--r20_batch", type=int, default=128)
+  p.add_argument("--fmnist_batch", type=int, default=64,
+                 help="batch of the ResNet-20 rows on 28x28x1 (the embedded default's "
+                      "configs/fashion_mnist_r20.py); 0 skips them")
   p.add_argument("--r18_batch", type=int, default=0,
                  help="0: 256 on GPU/TPU, 16 on CPU (a 224x224 ResNet-18 step at 256 takes "
                       "minutes on 2 cores)")
@@ -137,6 +140,8 @@ def main():
         f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform})")
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
   cases = [("resnet20", 32, 3, args.r20_batch, 10)]
+  if args.fmnist_batch:
+    cases.append(("resnet20", 28, 1, args.fmnist_batch, 10))
   if not args.skip_r18:
     cases.append(("resnet18", args.r18_size, 3, r18_batch, 1000))
   print("| model | input | batch | step | ms/step | images/s | compile s | peak MiB | LNS/baseline |")
