@@ -2,6 +2,7 @@
 
   python benchmarks/train_step.py                 # both models, CPU-sized defaults
   python benchmarks/train_step.py --r18_batch=256 --steps=20   # on a GPU
+  python benchmarks/train_step.py --r18_batch=256 --steps=0 --skip_input  # compile only
 
 Prints a Markdown table: ms/step, images/s, compile time and peak memory of the
 jitted train step of each stage kind, the LNS/baseline ratio, then the input
@@ -65,23 +66,26 @@ def bench_step(config, stage, image_shape, num_classes, steps, warmup=2):
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  for _ in range(warmup):
+  times = []
+  for _ in range(warmup if steps else 0):
     state, m = compiled(state, batch)
   jax.block_until_ready(state)
-  times = []
   for _ in range(steps):
     t = time.perf_counter()
     state, m = compiled(state, batch)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t)
-  ms = 1000 * statistics.median(times)
+  ms = 1000 * statistics.median(times) if times else float("nan")
   mem = compiled.memory_analysis()
   peak = None
   if mem is not None:
     peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
             - mem.alias_size_in_bytes) / 2**20
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gflop = cost.get("flops", float("nan")) / 1e9 if cost else float("nan")
   return {"ms": ms, "ips": config.batch_size / ms * 1000, "compile_s": compile_s,
-          "peak_mib": peak}
+          "peak_mib": peak, "gflop": gflop}
 
 
 def input_wait(batch, steps):
@@ -120,7 +124,9 @@ def input_wait(batch, steps):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--steps", type=int, default=10,
+                 help="timed steps; 0 compiles only (GFLOP, compile time and memory of "
+                      "steps too slow to run here, e.g. --r18_batch=256 on a CPU)")
   p.add_argument("--r20_batch", type=int, default=128)
   p.add_argument("--fmnist_batch", type=int, default=64,
                  help="batch of the ResNet-20 rows on 28x28x1 (the embedded default's "
@@ -144,17 +150,21 @@ def main():
     cases.append(("resnet20", 28, 1, args.fmnist_batch, 10))
   if not args.skip_r18:
     cases.append(("resnet18", args.r18_size, 3, r18_batch, 1000))
-  print("| model | input | batch | step | ms/step | images/s | compile s | peak MiB | LNS/baseline |")
-  print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+  print("| model | input | batch | step | ms/step | images/s | GFLOP/step | compile s | peak MiB "
+        "| LNS/baseline |")
+  print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
   for model, size, ch, batch, classes in cases:
     c = make_config(model, size, ch, batch)
     base = None
     for stage, label in (("pretrain", "baseline (sign)"), ("lns", "LNS (Eq. 21)")):
       r = bench_step(c, stage, (size, size, ch), classes, args.steps)
-      base = base or r["ms"]
+      base = base or r
+      # Compile-only runs have no time: compare the compiled FLOPs instead.
+      ratio = (f"{r['ms'] / base['ms']:.2f}x" if args.steps
+               else f"{r['gflop'] / base['gflop']:.2f}x (FLOPs)")
       peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
-      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {r['ms']:.1f} | "
-            f"{r['ips']:.0f} | {r['compile_s']:.1f} | {peak} | {r['ms'] / base:.2f}x |",
+      timed = (f"{r['ms']:.1f} | {r['ips']:.0f}" if args.steps else "not run | -")
+      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {timed} | {r['gflop']:.1f} | {r['compile_s']:.1f} | {peak} | {ratio} |",
             flush=True)
   print(f"\nprocess peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
   if not args.skip_input:
