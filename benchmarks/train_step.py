@@ -164,8 +164,8 @@ def main():
                else f"{r['gflop'] / base['gflop']:.2f}x (FLOPs)")
       peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
       timed = (f"{r['ms']:.1f} | {r['ips']:.0f}" if args.steps else "not run | -")
-      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {timed} | {r['gflop']:.1f} | {r['compile_s']:.1f} | {peak} | {ratio} |",
-            flush=True)
+      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {timed} | "
+            f"{r['gflop']:.1f} | {r['compile_s']:.1f} | {peak} | {ratio} |", flush=True)
   print(f"\nprocess peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
   if not args.skip_input:
     wait, total = input_wait(args.r20_batch, 3 * args.steps)
