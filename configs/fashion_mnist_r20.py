@@ -22,15 +22,17 @@ def get_config(arg: str = ""):
   # Fashion-MNIST needs far fewer still. lr of the later stages: 1/10 of pretraining's.
   c.optimizer = "adam"
   c.weight_decay = 0.0
-  c.pretrain.epochs = 8
+  # 12 epochs, measured (README): pretrain 90.98% -> LNS 90.82%. With 8 the LNS stage
+  # ended at 89.65% (pretrain 90.18%); it starts from the annealed baseline and does
+  # not climb above it within 2 epochs, so the baseline has to be good enough.
+  c.pretrain.epochs = 12
   c.pretrain.lr = 2e-3
   c.pretrain.schedule = "cosine"
   c.warmup.epochs = 0.5
   c.warmup.lr = 1e-3
   c.warmup.schedule = "constant"
   c.lns.epochs = 2
-  # Measured (README): pretrain 90.18% -> LNS 89.65% at this lr; a lower one (5e-5) is
-  # the next thing to try (issue 3).
+  # 5e-5 was worse from the same warmup (89.45% against 89.65% with 8 pretrain epochs).
   c.lns.lr = 2e-4
   c.lns.schedule = "cosine"
   c.finetune.epochs = 2
