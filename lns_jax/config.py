@@ -31,8 +31,10 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the field and what is allowed."""
 
 
-def stage_config(epochs=1.0, lr=0.1, schedule="piecewise", decay_epochs=(), decay_factor=0.1):
+def stage_config(epochs=1.0, lr=0.1, schedule="piecewise", decay_epochs=(), decay_factor=0.1,
+                 optimizer=""):
   c = ml_collections.ConfigDict()
+  c.optimizer = optimizer           # '' = config.optimizer; 'sgd' | 'adam' for this stage only
   c.epochs = float(epochs)          # may be fractional (quick runs)
   c.lr = float(lr)
   c.schedule = schedule             # 'piecewise' | 'cosine' | 'constant'
@@ -58,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mapping = ml_collections.ConfigDict()
   c.mapping.output = "raw"           # DESIGN decision 1
-  c.mapping.clip = 1.0               # STE clip of sign(q_hat)
+  c.mapping.init = "random"          # 'random' (paper) | 'sign': q_hat starts at sign(W) (lns_jax.mapping)
+  c.mapping.ste = "clip_grad"        # how sign(q_hat) passes gradients (DESIGN decision 1)
+  c.mapping.clip = 1.0               # 'clip_grad': bound on the gradient's value; 'window': |q_hat| <= clip
 
   c.data = data.default_data_config()
   c.batch_size = 128                 # global, over all devices and hosts (eval uses it too)
@@ -89,8 +93,8 @@ def imagenet_recipe(c: ml_collections.ConfigDict, args: set) -> ml_collections.C
   """The paper's ImageNet schedule (Sec. 4), shared by the ResNet-18 and AlexNet configs.
 
   pretrain 120 epochs, batch 256, SGD lr 0.1 x0.1 at epochs 70, 90, 110; fine-tune 45
-  epochs from lr 0.01 x0.1 every 15; alpha 1, rho 0.005. ``args``: ``finetune`` runs the
-  Table 4 ablation; ``smoke`` shrinks the run for tests (the caller picks the tiny model).
+  epochs from lr 0.01 x0.1 every 15; alpha 1, rho 0.005. ``args``: ``finetune`` fine-tunes
+  without LNS (an ablation row; ``lns_jax.ablation`` runs all rows); ``smoke`` shrinks the run for tests (the caller picks the tiny model).
   """
   c.data.name = "imagenet2012"
   c.data.image_size = 224
@@ -179,7 +183,7 @@ def _check_keys(config, reference, prefix=""):
 
 def validate(config, num_devices: int = 1) -> None:
   """Checks every field; raises :class:`ConfigError` naming the first bad one."""
-  from lns_jax import loss
+  from lns_jax import loss, mapping, quantizers
   from lns_jax.models import MODELS
 
   _check_keys(config, base_config())
@@ -199,6 +203,8 @@ def validate(config, num_devices: int = 1) -> None:
   _check_number(config, "model.clip", low=0, low_open=True)
   _check_choice(config, "mapping.output", MAPPING_OUTPUTS)
   _check_number(config, "mapping.clip", low=0, low_open=True)
+  _check_choice(config, "mapping.ste", quantizers.MAPPING_STES)
+  _check_choice(config, "mapping.init", mapping.MAPPING_INITS)
   _check_choice(config, "data.name", DATASETS)
   for field in ("seed", "batch_size", "log_every_steps",
                 "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints"):
@@ -214,6 +220,7 @@ def validate(config, num_devices: int = 1) -> None:
     _check_number(config, f"{s}.epochs", low=0)
     _check_number(config, f"{s}.lr", low=0)
     _check_choice(config, f"{s}.schedule", SCHEDULES)
+    _check_choice(config, f"{s}.optimizer", ("",) + OPTIMIZERS)
     _check_number(config, f"{s}.decay_factor", low=0)
     decay = config[s].decay_epochs
     if not isinstance(decay, (tuple, list)) or not all(

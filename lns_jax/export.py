@@ -250,7 +250,8 @@ def export_arrays(config, variables: dict, stage: str) -> Tuple[dict, Dict[str, 
           f"{config.model.name!r} ({type(e).__name__}: {e}); it was saved from another "
           f"model or config.") from None
     signs = np.asarray(binary_weights(kernel, binarizer, mapping, weight_scale="none",
-                                      mapping_output=config.mapping.output))
+                                      mapping_output=config.mapping.output,
+                                      mapping_init=config.mapping.init))
     scale = np.asarray(quantizers.weight_scale(kernel, config.model.weight_scale), np.float32)
     packed, shape = pack_signs(signs)
     key = "/".join(path)

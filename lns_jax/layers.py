@@ -35,10 +35,12 @@ class BinaryConv(nn.Module):
   Weight binarizers (DESIGN decisions 1-2):
     ``'float'``: the latent kernel as it is (full-precision reference);
     ``'sign'``: ``ste_sign(W) * s`` (baseline, Eq. 1-3);
-    ``'lns'``: ``ste_sign(q_hat) * s`` with ``q_hat = f_theta(W)`` (Eq. 4), its own
+    ``'lns'``: ``sign(q_hat) * s`` with ``q_hat = f_theta(W)`` (Eq. 4), its own
       ``MappingNet``; ``(q_hat, q_tilde = sign(W))`` is sown into the ``'lns'``
       collection under ``'pairs'`` so the trainer computes Eq. 15-21 without mapping
       again. ``q_tilde`` is under ``stop_gradient`` (Eq. 1: labels, not a path).
+      ``mapping_ste`` is how ``sign(q_hat)`` passes the gradient
+      (:func:`lns_jax.quantizers.mapping_sign`; DESIGN decision 1 in the README).
   The scale ``s`` (``weight_scale``) is computed from the latent ``W`` under
   ``stop_gradient``, as DoReFa does, so gradients to ``W`` are exactly the STE's.
   """
@@ -53,6 +55,8 @@ class BinaryConv(nn.Module):
   clip: Optional[float] = 1.0
   mapping_output: str = "raw"
   mapping_clip: Optional[float] = 1.0
+  mapping_ste: str = "clip_grad"
+  mapping_init: str = "random"
   kernel_init: Callable = nn.initializers.kaiming_normal()
   dtype: Any = jnp.float32
 
@@ -71,11 +75,12 @@ class BinaryConv(nn.Module):
       w = quantizers.binarize_weights(kernel, self.weight_scale, self.clip)
     else:
       scale = lax.stop_gradient(quantizers.weight_scale(kernel, self.weight_scale))
-      q_hat = MappingNet(output=self.mapping_output, name="mapping")(kernel, train=train)
+      q_hat = MappingNet(output=self.mapping_output, start=self.mapping_init,
+                         name="mapping")(kernel, train=train)
       q_tilde = lax.stop_gradient(quantizers.sign(kernel))
       if not self.is_initializing():  # init must not leave stale pairs in the variables
         self.sow(LNS_COLLECTION, "pairs", (q_hat, q_tilde))
-      w = quantizers.ste_sign(q_hat, self.mapping_clip) * scale
+      w = quantizers.mapping_sign(q_hat, self.mapping_ste, self.mapping_clip) * scale
     y = conv2d(x.astype(self.dtype), w.astype(self.dtype), self.strides, self.padding)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
@@ -83,16 +88,19 @@ class BinaryConv(nn.Module):
 
 
 def binary_weights(kernel: Array, weight_binarizer: str, mapping_variables=None,
-                   weight_scale: str = "layer", mapping_output: str = "raw") -> Array:
+                   weight_scale: str = "layer", mapping_output: str = "raw",
+                   mapping_init: str = "random") -> Array:
   """Inference-time weights of a BinaryConv: ``sign(.) * s`` without gradients.
 
-  ``sign(q_hat)`` in eval mode for ``'lns'`` (the paper keeps only these), ``sign(W)``
-  for ``'sign'``, the kernel itself for ``'float'``.
+  ``sign(q_hat)`` for ``'lns'`` (the paper keeps only these; the mapping normalises with
+  its filters' statistics, so these are the train step's signs bit for bit),
+  ``sign(W)`` for ``'sign'``, the kernel itself for ``'float'``.
   """
   if weight_binarizer == "float":
     return kernel
   scale = quantizers.weight_scale(kernel, weight_scale)
   if weight_binarizer == "sign":
     return quantizers.sign(kernel) * scale
-  q_hat = MappingNet(output=mapping_output).apply(mapping_variables, kernel, train=False)
+  q_hat = MappingNet(output=mapping_output, start=mapping_init).apply(
+      mapping_variables, kernel, train=False)
   return quantizers.sign(q_hat) * scale

@@ -100,6 +100,93 @@ def _panel(ax, runs, key, title, ylabel, several):
     ax.legend(fontsize=8)
 
 
+def _stage_series(workdir: str, stage: str) -> Dict[str, tuple]:
+  return curves(read_metrics(workdir)).get(stage, {})
+
+
+def _mean_band(series: List[tuple]):
+  """Mean and std over seeds at the x values every seed has."""
+  import numpy as np
+  common = sorted(set.intersection(*[set(xs) for xs, _ in series])) if series else []
+  if not common:
+    return [], [], []
+  ys = np.array([[dict(zip(xs, v))[x] for x in common] for xs, v in series])
+  return common, ys.mean(0), ys.std(0)
+
+
+# The ablation's Fig. 3: the variants fine-tuning compares with, and the stage they end in.
+FIG3_VARIANTS = (("finetune", "finetune", "fine-tuning"), ("lns_alpha0", "lns", "LNS, alpha = 0"),
+                 ("lns", "lns", "LNS"))
+
+
+def ablation_figures(root: str, runs, results: dict) -> List[str]:
+  """Fig. 3 (a-c, mean with a std band over seeds, fine-tuning against LNS) and, with
+  sweeps, Fig. 4 / 5 (final test top-1 against alpha / rho). Returns the PNG paths."""
+  import numpy as np
+  written = []
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for ax, (key, title, ylabel) in zip(axes, PANELS):
+    for variant, stage, label in FIG3_VARIANTS:
+      series = []
+      for run in runs:
+        if run.variant != variant:
+          continue
+        wd = run.workdir(root)
+        if not os.path.exists(os.path.join(wd, "metrics.jsonl")):
+          continue
+        xs, ys = _stage_series(wd, stage).get(key, ((), ()))
+        if xs:
+          series.append((xs, ys))
+      x, m, sd = _mean_band(series)
+      if len(x):
+        ax.plot(x, m, label=f"{label} ({len(series)} seeds)", marker="." if len(x) < 30 else None)
+        ax.fill_between(x, m - sd, m + sd, alpha=0.2)
+    ax.set_title(title)
+    ax.set_xlabel("epoch of fine-tuning")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+      ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = os.path.join(root, "fig3.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  written.append(path)
+  for name, field, title in (("fig4", "alpha", "Fig. 4: top-1 against alpha"),
+                             ("fig5", "rho", "Fig. 5: top-1 against rho")):
+    points = {}
+    for variant, recs in results["variants"].items():
+      if variant == "finetune" or not recs:
+        continue
+      if field == "rho" and variant.startswith("lns_alpha"):
+        continue
+      if field == "alpha" and variant.startswith("lns_rho"):
+        continue
+      points[recs[0][field]] = [r["test_top1"] for r in recs]
+    if len(points) < 3:  # the sweep was not asked for
+      continue
+    xs = sorted(points)
+    f, ax = plt.subplots(figsize=(5.5, 4))
+    means = [100 * np.mean(points[x]) for x in xs]
+    stds = [100 * np.std(points[x]) for x in xs]
+    ax.errorbar(range(len(xs)), means, yerr=stds, marker="o", capsize=3, label="LNS")
+    if results["baseline"]:
+      ax.axhline(100 * results["baseline"]["test_top1"], color="gray", linestyle="--",
+                 label="baseline")
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_xlabel(field)
+    ax.set_ylabel("final test top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    f.tight_layout()
+    path = os.path.join(root, f"{name}.png")
+    f.savefig(path, dpi=110)
+    plt.close(f)
+    written.append(path)
+  return written
+
+
 def main(argv=None):
   import argparse
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

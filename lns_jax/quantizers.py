@@ -60,6 +60,62 @@ def ste_sign(x: Array, clip: Optional[float] = 1.0) -> Array:
   return _ste_sign(jnp.asarray(x), clip)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _sign_clip_grad(x, limit):
+  return sign(x)
+
+
+def _sign_clip_grad_fwd(x, limit):
+  return sign(x), None
+
+
+def _sign_clip_grad_bwd(limit, _, g):
+  return (jnp.clip(g, -limit, limit),)
+
+
+_sign_clip_grad.defvjp(_sign_clip_grad_fwd, _sign_clip_grad_bwd)
+
+
+def sign_clip_grad(x: Array, limit: float = 1.0) -> Array:
+  """Sign whose backward pass clips the gradient's *value*: Eq. 3 read literally.
+
+  Forward: ``sign(x)`` (``sign(0) = +1``). Backward: ``clip(g, -limit, limit)``, with
+  no window on ``x``: the gradient reaches ``x`` wherever ``x`` is (unlike
+  :func:`ste_sign`, whose ``1{|x| <= clip}`` is zero outside the window).
+  """
+  limit = float(limit)
+  if not limit > 0:
+    raise ValueError(f"sign_clip_grad: limit must be > 0, got {limit}.")
+  return _sign_clip_grad(jnp.asarray(x), limit)
+
+
+# How sign(q_hat) passes gradients to the mapping (config.mapping.ste, DESIGN decision 1).
+MAPPING_STES = ("clip_grad", "window")
+
+
+def mapping_sign(q_hat: Array, ste: str = "clip_grad", clip: float = 1.0) -> Array:
+  """``sign(q_hat)`` with the straight-through rule ``ste`` of the LNS conv.
+
+  ``'window'``: :func:`ste_sign` (gradient ``1{|q_hat| <= clip}``); ``'clip_grad'``:
+  :func:`sign_clip_grad` (gradient value clipped to ``[-clip, clip]``, Eq. 3 literally).
+  """
+  if ste == "window":
+    return ste_sign(q_hat, clip)
+  if ste == "clip_grad":
+    return sign_clip_grad(q_hat, clip)
+  raise ValueError(f"mapping ste must be one of {MAPPING_STES}, got {ste!r}.")
+
+
+def dead_mask(x: Array, ste: str, clip: Optional[float]) -> Array:
+  """``True`` where the straight-through gradient of ``sign(x)`` is exactly zero.
+
+  ``'window'`` (:func:`ste_sign`): ``|x| > clip``; ``'clip_grad'``: nowhere.
+  """
+  if ste == "clip_grad" or clip is None:
+    return jnp.zeros(jnp.shape(x), bool)
+  return jnp.abs(x) > clip
+
+
 @jax.custom_vjp
 def approx_sign(x: Array) -> Array:
   """Bi-Real Net's ApproxSign: forward ``sign(x)`` (``sign(0) = +1``).

@@ -89,7 +89,8 @@ def build_model(config, stage: str, num_classes: int):
   return get_model(config.model.name, num_classes=num_classes, weight_binarizer=weights,
                    input_binarizer=config.model.input_binarizer,
                    weight_scale=config.model.weight_scale, clip=config.model.clip,
-                   mapping_output=config.mapping.output, mapping_clip=config.mapping.clip)
+                   mapping_output=config.mapping.output, mapping_clip=config.mapping.clip,
+                   mapping_ste=config.mapping.ste, mapping_init=config.mapping.init)
 
 
 def binary_layers(model: nn.Module, image_shape) -> Dict[Tuple[str, ...], str]:
@@ -113,7 +114,8 @@ def _subtree(tree, path):
   return tree
 
 
-def effective_signs(layers, params, batch_stats) -> dict:
+def effective_signs(layers, params, batch_stats, mapping_output: str = "raw",
+                    mapping_init: str = "random") -> dict:
   """Signs of the weights the binary convs use: ``sign(q_hat)`` (lns) or ``sign(W)``."""
   from lns_jax.layers import binary_weights
   out = {}
@@ -124,7 +126,8 @@ def effective_signs(layers, params, batch_stats) -> dict:
     mapping = None
     if binarizer == "lns":
       mapping = {"params": p["mapping"], "batch_stats": _subtree(batch_stats, path)["mapping"]}
-    w = binary_weights(p["kernel"], binarizer, mapping, weight_scale="none")
+    w = binary_weights(p["kernel"], binarizer, mapping, weight_scale="none",
+                       mapping_output=mapping_output, mapping_init=mapping_init)
     out[path] = (w > 0).astype(jnp.int8) * 2 - 1
   return traverse_util.unflatten_dict(out)
 
@@ -180,7 +183,9 @@ def learning_rate_schedule(stage_cfg, steps_per_epoch: int) -> optax.Schedule:
 
 
 def make_optimizer(config, stage: str, schedule) -> optax.GradientTransformation:
-  if config.optimizer == "adam":
+  """The stage's optimizer: ``config.<stage>.optimizer``, or ``config.optimizer`` if empty."""
+  name = config[stage].optimizer or config.optimizer
+  if name == "adam":
     opt = optax.adamw(schedule, weight_decay=config.weight_decay)
   else:
     opt = optax.chain(optax.add_decayed_weights(config.weight_decay),
@@ -212,6 +217,26 @@ def _lns_pairs(updates, labels):
   return pairs
 
 
+def dead_fractions(config, layers, params, pairs) -> Dict[str, Tuple[Array, int]]:
+  """``{layer: (share of its binary weights with a zero STE gradient, count)}``.
+
+  LNS layers: ``sign(q_hat)`` under ``config.mapping.ste`` (zero outside the window
+  for ``'window'``, never for ``'clip_grad'``); sign layers: ``|W| > config.model.clip``.
+  This is the quantity the 'prove LNS' issue found at 21-34% with a window of 1.
+  """
+  out = {}
+  for path, binarizer in layers.items():
+    name = "/".join(path)
+    if binarizer == "lns" and name in pairs:
+      dead = quantizers.dead_mask(pairs[name][0], config.mapping.ste, config.mapping.clip)
+    elif binarizer == "sign":
+      dead = quantizers.dead_mask(_subtree(params, path)["kernel"], "window", config.model.clip)
+    else:
+      continue
+    out[name] = (jnp.mean(dead.astype(jnp.float32)), int(dead.size))
+  return out
+
+
 def make_train_step(model, tx, config, stage: str, layers, schedule):
   """Alg. 1 as one jitted step: forward, Eq. 21, gradients to W and theta, update."""
   use_lns = config_lib.STAGE_WEIGHTS[stage] == "lns"
@@ -228,6 +253,7 @@ def make_train_step(model, tx, config, stage: str, layers, schedule):
     pairs = _lns_pairs(updates, state.labels) if use_lns else {}
     total, aux = loss_lib.lns_objective(logits, batch["label"], pairs, alpha, rho,
                                         config.reduction, batch["mask"])
+    aux["dead"] = dead_fractions(config, layers, params, pairs)
     return total, (aux, logits, updates["batch_stats"])
 
   def step_fn(state: TrainState, batch):
@@ -261,6 +287,12 @@ def make_train_step(model, tx, config, stage: str, layers, schedule):
          "nonfinite": (~ok).astype(jnp.float32)}
     for name, value in aux["aux_layers"].items():
       m[f"aux/{name}"] = value
+    counts = {name: n for name, (_, n) in aux["dead"].items()}
+    for name, (frac, _) in aux["dead"].items():
+      m[f"dead/{name}"] = frac
+    if counts:
+      m["dead_frac"] = sum(f * counts[k] for k, (f, _) in aux["dead"].items()) / sum(
+          counts.values())
     return new_state, m
 
   return step_fn
@@ -483,7 +515,11 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
     if start is not None:
       params = merge_variables(params, start["params"], "starting weights")
       bstats = merge_variables(bstats, start["batch_stats"], "starting BatchNorm statistics")
-    signs = effective_signs(layers, params, bstats)
+    signs = effective_signs(layers, params, bstats, config.mapping.output, config.mapping.init)
+    if start is not None and stage == "warmup":
+      # Fig. 3c counts flips of the network being fine-tuned: before warmup that is
+      # the baseline, sign(W), not the signs of the freshly initialised mapping.
+      signs = latent_signs(layers, params)
     labels = {}
     if config.labels == "pretrained":
       labels = latent_signs(layers, params, only=("lns",))
@@ -518,7 +554,10 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
       make_train_step(model, tx, config, stage, layers, schedule), mesh, compiler_options=opts)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(replicated, parallel.batch_sharding(mesh)),
                       out_shardings=replicated, compiler_options=opts)
-  signs_fn = jax.jit(functools.partial(effective_signs, layers), out_shardings=replicated,
+  signs_fn = jax.jit(functools.partial(effective_signs, layers,
+                                       mapping_output=config.mapping.output,
+                                       mapping_init=config.mapping.init),
+                     out_shardings=replicated,
                      compiler_options=compiler_options(fast=True))
 
   def meta_for(step):
@@ -616,9 +655,16 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
 
   _check_finite(state, stage)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  # Fig. 3c's "since the pretrained network": at the end of warmup, the share of signs
+  # the mapping has not yet brought back to the baseline's.
+  _, since_init = _flip_rates(_host(state.signs_init), _host(signs_fn(
+      state.params, state.batch_stats)), _host(state.signs_init))
   result = {"stage": stage, "steps": step, "epochs": step / spe,
-            "skipped_steps": int(state.skipped),
+            "skipped_steps": int(state.skipped), "flip_rate_init": since_init,
             "test": evaluate(eval_step, variables, config, "test", mesh)}
+  if stage == "warmup" and ctx.writer.enabled:
+    print(f"[warmup] {100 * since_init:.2f}% of the binary weights' signs still differ "
+          f"from the baseline's sign(W).", flush=True)
   if info.num_validation:
     result["validation"] = evaluate(eval_step, variables, config, "validation", mesh)
   if final.latest_step() is None:  # written once; a finished stage's final is never replaced

@@ -7,7 +7,10 @@ from lns_testutil import load_config, set_field, smoke_config
 
 CONFIGS = [("fashion_mnist_r20.py", ""), ("fashion_mnist_r20.py", "quick"),
            ("fashion_mnist_r20.py", "smoke"), ("cifar10_r20.py", ""), ("cifar10_r20.py", "val"),
-           ("cifar10_r20.py", "finetune"), ("imagenet_r18.py", ""), ("imagenet_alexnet.py", "")]
+           ("cifar10_r20.py", "finetune"), ("imagenet_r18.py", ""), ("imagenet_alexnet.py", ""),
+           ("imagenet_r18.py", "dorefa"), ("imagenet_r18.py", "dorefa,finetune"),
+           ("fashion_mnist_r20.py", "val"), ("fashion_mnist_r20.py", "val,sgd"),
+           ("fashion_mnist_r20.py", "quick,val"), ("fashion_mnist_r20.py", "smoke,val,sgd")]
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)

@@ -28,9 +28,11 @@ def test_cifar10_config_end_to_end_from_the_original_archive(tmp_path):
   assert "val top-1" in table
 
 
-@pytest.mark.parametrize("name", ["imagenet_r18.py", "imagenet_alexnet.py"])
-def test_imagenet_configs_train_under_mock_data(name, tmp_path):
-  c = load_config(name, "smoke")
+@pytest.mark.parametrize("name,arg", [("imagenet_r18.py", "smoke"),
+                                      ("imagenet_alexnet.py", "smoke"),
+                                      ("imagenet_r18.py", "smoke,dorefa")])
+def test_imagenet_configs_train_under_mock_data(name, arg, tmp_path):
+  c = load_config(name, arg)
   manual = tmp_path / "manual"
   manual.mkdir()
   for f in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):

@@ -233,10 +233,11 @@ def test_invalid_binarizers_raise(bad):
 
 # ---------------------------------------------------------------------------- 'lns' mode
 
-def _lns_setup(scale="layer", mapping_output="raw"):
+def _lns_setup(scale="layer", mapping_output="raw", mapping_ste="clip_grad", mapping_clip=1.0):
   x, w = _x(), _w()
   module = BinaryConv(4, weight_binarizer="lns", weight_scale=scale,
-                      mapping_output=mapping_output)
+                      mapping_output=mapping_output, mapping_ste=mapping_ste,
+                      mapping_clip=mapping_clip)
   return module, _variables(module, x.shape, w), x, w
 
 
@@ -289,8 +290,9 @@ def test_lns_mode_tanh_mapping_output():
   assert np.all(np.abs(q_hat) <= 1.0)
 
 
-def test_lns_mode_gradients():
-  module, variables, x, w = _lns_setup()
+@pytest.mark.parametrize("ste,clip", [("clip_grad", 1.0), ("clip_grad", 1e-4), ("window", 1.0)])
+def test_lns_mode_gradients(ste, clip):
+  module, variables, x, w = _lns_setup(mapping_ste=ste, mapping_clip=clip)
   c = np.random.default_rng(5).normal(size=(2, 6, 6, 4)).astype(np.float32)
   c_pair = np.random.default_rng(6).normal(size=w.shape).astype(np.float32)
 
@@ -316,15 +318,20 @@ def test_lns_mode_gradients():
   assert np.any(np.asarray(g_hat["kernel"]) != 0)
   assert np.any(np.asarray(g_hat["mapping"]["conv3"]["kernel"]) != 0)
 
-  # Chain rule by hand: dL/dWb from the conv, times s, masked by the STE on q_hat
-  # (mapping_clip = 1), pulled back through f_theta (train mode) to W.
+  # Chain rule by hand: dL/dWb from the conv, times s, through the STE on q_hat
+  # ('window': masked by |q_hat| <= clip; 'clip_grad': the value clipped to
+  # [-clip, clip]), pulled back through f_theta (train mode) to W.
   mv = _mapping_vars(variables)
   f = lambda k: MappingNet().apply(mv, k, train=True, mutable=["batch_stats"])[0]
   f_and_pullback = jax.jit(lambda k, g: (f(k), jax.vjp(f, k)[1](g)[0]))
   q_hat, _ = f_and_pullback(jnp.asarray(w), jnp.zeros(w.shape, jnp.float32))
   s = np_scale(w, "layer")
   _, g_wb = _conv_vjp(np_sign(x), np_sign(np.asarray(q_hat)) * s, c)
-  g_q = np.asarray(g_wb, np.float64) * s * (np.abs(np.asarray(q_hat)) <= 1.0)
+  g_q = np.asarray(g_wb, np.float64) * s
+  if ste == "window":
+    g_q = g_q * (np.abs(np.asarray(q_hat)) <= clip)
+  else:
+    g_q = np.clip(g_q, -clip, clip)
   _, ref_w = f_and_pullback(jnp.asarray(w), jnp.asarray(g_q, jnp.float32))
   np.testing.assert_allclose(np.asarray(gp["kernel"]), np.asarray(ref_w), rtol=1e-3,
                              atol=1e-5)

@@ -18,7 +18,7 @@ EPS = 1e-5        # flax BatchNorm default epsilon
 MOMENTUM = 0.9    # MappingNet default bn_momentum
 
 # Op-by-op dispatch compiles every primitive per shape; one jit per shape is cheaper.
-map_weights = jax.jit(_map_weights_eager, static_argnames=("train", "output"))
+map_weights = jax.jit(_map_weights_eager, static_argnames=("train", "output", "init"))
 
 SHAPES = [(3, 2, 4), (1, 3, 2), (3, 1, 5), (3, 2, 1), (5, 2, 3), (1, 1, 1)]
 
@@ -163,11 +163,23 @@ def test_invalid_inputs_raise():
 
 @pytest.mark.parametrize("k,c,n,output", [(3, 2, 4, "raw"), (1, 3, 2, "tanh"), (5, 1, 3, "raw")])
 def test_eval_forward_matches_numpy(k, c, n, output):
+  # Eval mode normalises with the statistics of the layer's filters, as training does
+  # (the mapping's "batch" is the layer's filters: f_theta(W) is deterministic in W).
   kernel = _kernel(k, c, n, seed=2)
   variables = _variables(kernel.shape, seed=5, output=output)
   got = map_weights(variables, jnp.asarray(kernel), train=False, output=output)
-  ref, _ = np_mapping(variables, kernel, train=False, output=output)
+  ref, _ = np_mapping(variables, kernel, train=True, output=output)
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_and_train_mode_give_identical_q_hat_whatever_the_running_averages():
+  kernel = jnp.asarray(_kernel(3, 2, 5, seed=14))
+  variables = _variables(kernel.shape, seed=15)
+  stale = jax.tree_util.tree_map(lambda x: x * 0 + 7.0, variables["batch_stats"])
+  q_train, _ = map_weights(variables, kernel, train=True)
+  for bs in (variables["batch_stats"], stale):
+    q_eval = map_weights({"params": variables["params"], "batch_stats": bs}, kernel)
+    np.testing.assert_array_equal(np.asarray(q_eval), np.asarray(q_train))
 
 
 @pytest.mark.parametrize("k,c,n", [(3, 2, 4), (1, 2, 3), (3, 1, 1)])
@@ -215,29 +227,18 @@ def test_bn1_batch_statistics_over_filters_from_intermediates():
 
 # ------------------------------------------------------------------ filter independence
 
-def test_eval_mode_batched_equals_one_filter_at_a_time():
-  kernel = _kernel(3, 3, 5, seed=6)
-  variables = _variables(kernel.shape, seed=7)
-  f = jax.jit(lambda v, w: MappingNet().apply(v, w, train=False))
-  batched = np.asarray(f(variables, jnp.asarray(kernel)))
-  for j in range(kernel.shape[-1]):
-    single = np.asarray(f(variables, jnp.asarray(kernel[..., j:j + 1])))
-    np.testing.assert_allclose(batched[..., j:j + 1], single, rtol=1e-5, atol=1e-6)
-
-
-def test_train_mode_couples_filters_through_batchnorm():
+def test_filters_are_coupled_through_batchnorm_in_both_modes():
   # The statistics are over the layer's filters: changing one filter changes the others'
-  # q_hat in train mode, but not in eval mode.
+  # q_hat, in train and in eval mode alike.
   kernel = _kernel(3, 2, 4, seed=8)
   variables = _variables(kernel.shape, seed=9)
   other = kernel.copy()
   other[..., 0] *= 3.0
-  for train, coupled in ((True, True), (False, False)):
+  for train in (True, False):
     a = map_weights(variables, jnp.asarray(kernel), train=train)
     b = map_weights(variables, jnp.asarray(other), train=train)
     a, b = (a[0], b[0]) if train else (a, b)
-    same = np.allclose(np.asarray(a)[..., 1:], np.asarray(b)[..., 1:], atol=1e-6)
-    assert same != coupled
+    assert not np.allclose(np.asarray(a)[..., 1:], np.asarray(b)[..., 1:], atol=1e-6)
 
 
 # --------------------------------------------------------------------- pure function API
@@ -267,3 +268,20 @@ def test_tanh_output_in_open_interval_and_is_tanh_of_raw():
   np.testing.assert_allclose(t, np.tanh(raw), rtol=1e-5, atol=1e-6)
   small = np.asarray(map_weights(variables, kernel * 1e-3, output="tanh"))
   assert np.all(np.abs(small) < 1.0)
+
+
+def test_sign_init_starts_at_sign_of_w_and_trains_away_from_it():
+  kernel = jnp.asarray(_kernel(3, 4, 6, seed=16))
+  v = init_mapping(jax.random.PRNGKey(3), kernel.shape, init="sign")
+  q_hat = np.asarray(map_weights(v, kernel, init="sign"))
+  # The last conv starts at zero: q_hat = W / mean|W|, so sign(q_hat) = sign(W).
+  np.testing.assert_allclose(q_hat, np.asarray(kernel) / np.mean(np.abs(np.asarray(kernel))),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(v["params"]["conv3"]["kernel"]), 0.0)
+  # theta still gets a gradient (through the zero-initialised last conv) ...
+  g = jax.grad(lambda p: jnp.sum(map_weights({**v, "params": p}, kernel, init="sign") ** 3))(
+      v["params"])
+  assert np.abs(np.asarray(g["conv3"]["kernel"])).max() > 0
+  # ... and the random init does not start at sign(W).
+  q_rand = np.asarray(map_weights(init_mapping(jax.random.PRNGKey(3), kernel.shape), kernel))
+  assert np.mean(np.sign(q_rand) != np.sign(np.asarray(kernel))) > 0.1

@@ -107,6 +107,22 @@ def _config(name, arg=""):
   return mod.get_config(arg)
 
 
+def test_dorefa_resnet18_of_table4():
+  t = summary.summarize(_config("imagenet_r18", "dorefa")).total()
+  # The same binary 3x3 convs as Bi-Real's; 32-bit numbers: stem 9408 + shortcuts
+  # 8192+32768+131072 (1x1 stride 2, no pooling) + fc 513000 + BN (stem 128 + 16 convs'
+  # 2*(64*4 + 128*4 + 256*4 + 512*4) + shortcuts 2*(128+256+512)) * 2 (mean, var too)
+  # = 4*(64 + 3840 + 896) = 19,200, + 16 layer-wise scales = 713,656; no PReLU.
+  assert t["binary_params"] == 10_985_472
+  assert t["real_params"] == 9408 + 8192 + 32768 + 131072 + 513_000 + 19_200 + 16
+  assert t["binary_macs"] == 1_676_279_808
+  # The shortcuts are 1x1 stride-2 convs on the block input: 56->28, 28->14, 14->7.
+  assert t["real_macs"] == 118_013_952 + 28 * 28 * 64 * 128 + 14 * 14 * 128 * 256 + (
+      7 * 7 * 256 * 512) + 512_000
+  assert t["memory_mbit"] == pytest.approx(34, rel=0.01)  # paper Table 3's DoReFa row: 34
+  assert t["flops"] == pytest.approx(163e6, rel=0.01)
+
+
 def test_resnet18_matches_table3():
   t = summary.summarize(_config("imagenet_r18")).total()
   # By hand (Bi-Real ResNet-18, 224x224): binary 3x3 convs 64..512 wide:

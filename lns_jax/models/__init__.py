@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from lns_jax.models.alexnet import AlexNet, AlexNetTiny
 from lns_jax.models.resnet_cifar import ResNet20, ResNetCifar, ResNetTiny
-from lns_jax.models.resnet_imagenet import BiRealResNet, ResNet18, ResNet18Tiny
+from lns_jax.models.resnet_imagenet import (BiRealResNet, DoReFaResNet, ResNet18,
+                                            ResNet18DoReFa, ResNet18DoReFaTiny, ResNet18Tiny)
 
 MODELS = {
     "resnet20": ResNet20,
     "resnet_tiny": ResNetTiny,
     "resnet18": ResNet18,
     "resnet18_tiny": ResNet18Tiny,
+    "resnet18_dorefa": ResNet18DoReFa,
+    "resnet18_dorefa_tiny": ResNet18DoReFaTiny,
     "alexnet": AlexNet,
     "alexnet_tiny": AlexNetTiny,
 }

@@ -22,6 +22,8 @@ class BinaryNet(nn.Module):
   clip: float = 1.0
   mapping_output: str = "raw"
   mapping_clip: float = 1.0
+  mapping_ste: str = "clip_grad"
+  mapping_init: str = "random"
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
@@ -30,7 +32,9 @@ class BinaryNet(nn.Module):
     kwargs = dict(use_bias=False, weight_binarizer=self.weight_binarizer,
                   input_binarizer=self.input_binarizer, weight_scale=self.weight_scale,
                   clip=self.clip, mapping_output=self.mapping_output,
-                  mapping_clip=self.mapping_clip, dtype=self.dtype)
+                  mapping_clip=self.mapping_clip, mapping_ste=self.mapping_ste,
+                  mapping_init=self.mapping_init,
+                  dtype=self.dtype)
     kwargs.update(overrides)
     return functools.partial(BinaryConv, **kwargs)
 

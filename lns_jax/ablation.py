@@ -1,0 +1,406 @@
+"""The paper's Table 1 ablation as one command, across seeds (Sec. 4.2, Fig. 3-5).
+
+  python -m lns_jax.ablation --config=configs/fashion_mnist_r20.py:val --workdir=DIR --seeds=3
+  python -m lns_jax.ablation ... --alphas=0,0.1,1,10 --rhos=0,0.005,0.05     # Fig. 4 / Fig. 5
+
+The baseline is pretrained once (``DIR/baseline``, or reused with ``--baseline=PATH``);
+then, from that same baseline and for each seed, three variants with the same epochs,
+schedule and batch (``finetune`` runs with ``config.lns``'s epochs and schedule):
+
+  finetune     continue the baseline with sign(W), cross-entropy;
+  lns_alpha0   warmup + lns with alpha = 0 ("w/o noisy supervision");
+  lns          warmup + lns with the config's alpha and rho;
+
+plus ``lns_alpha<a>`` / ``lns_rho<r>`` for the sweeps. The seed changes the data order
+and the mapping's initialisation. Every run is a ``train.py`` workdir
+(``DIR/<variant>/seed<k>``): a finished run is not repeated, an interrupted one resumes
+from its newest checkpoint. Results: ``DIR/ablation.json`` (top-1 as fractions),
+``DIR/ablation.md`` (Table 1 and the figures), ``fig3*.png``, ``fig4.png``, ``fig5.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+BASELINE = "baseline"
+# Fields that make two baselines the same baseline (a reused DIR/baseline must match).
+BASELINE_FIELDS = ("seed", "model", "data", "batch_size", "optimizer", "momentum",
+                   "weight_decay", "pretrain")
+# Relative cost of an epoch, for the ETA: the mapping networks make LNS steps dearer.
+_COST = {"pretrain": 1.0, "finetune": 1.0, "warmup": 1.2, "lns": 1.2}
+
+
+class AblationError(ValueError):
+  """Bad ablation arguments or a workdir from another ablation; one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  variant: str
+  seed: int
+  stages: str
+  alpha: float
+  rho: float
+
+  def workdir(self, root: str) -> str:
+    return os.path.join(root, self.variant, f"seed{self.seed}")
+
+  @property
+  def last_stage(self) -> str:
+    return self.stages.split(",")[-1]
+
+
+def _fmt(x: float) -> str:
+  return f"{x:g}"
+
+
+def plan(config, seeds: int, alphas: Sequence[float] = (), rhos: Sequence[float] = ()) -> List[Run]:
+  """Every run of the ablation, seed-major (all variants of seed 0 first)."""
+  if seeds < 1:
+    raise AblationError(f"--seeds={seeds}: give at least 1.")
+  alpha, rho = float(config.alpha), config.rho
+  variants = {"finetune": ("finetune", 0.0, rho), "lns_alpha0": ("warmup,lns", 0.0, rho),
+              "lns": ("warmup,lns", alpha, rho)}
+  for a in alphas:
+    if a != alpha and a != 0:
+      variants[f"lns_alpha{_fmt(a)}"] = ("warmup,lns", float(a), rho)
+  for r in rhos:
+    if r != rho:
+      variants[f"lns_rho{_fmt(r)}"] = ("warmup,lns", alpha, float(r))
+  return [Run(v, s, *spec) for s in range(seeds) for v, spec in variants.items()]
+
+
+def run_config(config, run: Run, baseline_final: str):
+  """The config of one run: the ablation's config with its variant's fields."""
+  c = copy.deepcopy(config)
+  c.stages = run.stages
+  c.seed = run.seed
+  c.alpha = run.alpha
+  c.rho = run.rho
+  c.init_from = baseline_final
+  # Same epochs, schedule and optimizer for fine-tuning as for the LNS stage.
+  for key in c.lns.keys():
+    c.finetune[key] = c.lns[key]
+  return c
+
+
+def baseline_config(config):
+  c = copy.deepcopy(config)
+  c.stages = "pretrain"
+  c.init_from = ""
+  return c
+
+
+def check_baseline_dir(config, baseline_dir: str) -> None:
+  """A reused ``DIR/baseline`` must have been trained with this config's baseline fields."""
+  path = os.path.join(baseline_dir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  now = json.loads(config.to_json_best_effort())
+  for field in BASELINE_FIELDS:
+    if field in saved and saved[field] != now.get(field):
+      raise AblationError(
+          f"{baseline_dir} was pretrained with another config.{field} "
+          f"({json.dumps(saved[field])[:80]} there, {json.dumps(now.get(field))[:80]} now); "
+          f"use another --workdir, or --baseline=PATH to reuse a baseline on purpose.")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _epoch_records(workdir: str, stage: str) -> List[dict]:
+  from lns_jax import plots
+  by_step = {}
+  for r in plots.read_metrics(workdir):
+    if r.get("stage") == stage and r.get("kind") == "epoch":
+      by_step[r["step"]] = r  # a resumed run repeats steps: keep the last
+  return [by_step[k] for k in sorted(by_step)]
+
+
+def run_record(run: Run, workdir: str) -> Optional[dict]:
+  """``{'seed', 'test_top1', 'test_top5', ...}`` of a finished run, else None.
+
+  ``best_test_top1`` is the test top-1 at the epoch of the best validation top-1 when
+  the config has a validation split (never chosen on test), else the final one.
+  """
+  path = os.path.join(workdir, run.last_stage, "result.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    result = json.load(f)
+  rec = {"seed": run.seed, "test_top1": result["test"]["top1"],
+         "test_top5": result["test"]["top5"], "flip_rate_init": result.get("flip_rate_init")}
+  if "validation" in result:
+    rec["val_top1"] = result["validation"]["top1"]
+  epochs = [r for r in _epoch_records(workdir, run.last_stage) if "test_top1" in r]
+  with_val = [r for r in epochs if "val_top1" in r]
+  if with_val:
+    best = max(with_val, key=lambda r: r["val_top1"])  # first of equals: the earliest
+    rec.update(best_test_top1=best["test_top1"], best_val_top1=best["val_top1"],
+               best_epoch=best["epoch"])
+  if run.stages.startswith("warmup"):
+    warm = os.path.join(workdir, "warmup", "result.json")
+    if os.path.exists(warm):
+      with open(warm) as f:
+        w = json.load(f)
+      rec["warmup_test_top1"] = w["test"]["top1"]
+      rec["warmup_signs_differ"] = w.get("flip_rate_init")
+  return rec
+
+
+def _baseline_result(root: str, baseline: str = "") -> str:
+  """``result.json`` of the baseline: ``DIR/baseline``'s, or that of ``--baseline``'s stage."""
+  if not baseline:
+    return os.path.join(root, BASELINE, "pretrain", "result.json")
+  path = os.path.abspath(os.path.expanduser(baseline))
+  if os.path.basename(os.path.normpath(path)) == "final":
+    path = os.path.dirname(os.path.normpath(path))
+  return os.path.join(path, "result.json")
+
+
+def collect(root: str, runs: List[Run], baseline: str = "") -> dict:
+  """The ``ablation.json`` content from the runs' workdirs (finished runs only)."""
+  out = {"baseline": {}, "variants": {}}
+  bres = _baseline_result(root, baseline)
+  if os.path.exists(bres):
+    with open(bres) as f:
+      b = json.load(f)
+    out["baseline"] = {"test_top1": b["test"]["top1"], "test_top5": b["test"]["top5"]}
+    if "validation" in b:
+      out["baseline"]["val_top1"] = b["validation"]["top1"]
+  for run in runs:
+    out["variants"].setdefault(run.variant, [])
+    rec = run_record(run, run.workdir(root))
+    if rec is not None:
+      rec.update(alpha=run.alpha, rho=run.rho)
+      out["variants"][run.variant].append(rec)
+  return out
+
+
+def _mean_std(values) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  m = 100 * float(np.mean(values))
+  if len(values) == 1:
+    return f"{m:.2f}"
+  return f"{m:.2f} ± {100 * float(np.std(values, ddof=1)):.2f}"
+
+
+def table(results: dict) -> str:
+  """Table 1: the baseline and each variant's top-1 (mean ± sample std over seeds)."""
+  has_val = "val_top1" in results["baseline"] or any(
+      "val_top1" in r for rs in results["variants"].values() for r in rs)
+  head = ["variant", "seeds", "final test top-1 (%)"]
+  if has_val:
+    head += ["test top-1 at best val epoch (%)", "final val top-1 (%)"]
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+  b = results["baseline"]
+  if b:
+    row = ["baseline (pretrained)", "-", _mean_std([b["test_top1"]])]
+    if has_val:
+      row += ["-", _mean_std([b.get("val_top1")])]
+    rows.append("| " + " | ".join(row) + " |")
+  for name, recs in results["variants"].items():
+    row = [name, str(len(recs)), _mean_std([r["test_top1"] for r in recs])]
+    if has_val:
+      row += [_mean_std([r.get("best_test_top1") for r in recs]),
+              _mean_std([r.get("val_top1") for r in recs])]
+    rows.append("| " + " | ".join(row) + " |")
+  return "\n".join(rows)
+
+
+def write_report(root: str, runs: List[Run], config, extra: Optional[dict] = None,
+                 baseline: str = "") -> str:
+  """Writes ablation.json, ablation.md and the figures; returns the table."""
+  from lns_jax import plots
+  results = collect(root, runs, baseline)
+  results.update(extra or {})
+  tmp = os.path.join(root, "ablation.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(tmp, os.path.join(root, "ablation.json"))
+  tab = table(results)
+  figs = plots.ablation_figures(root, runs, results)
+  lines = ["# Ablation (Table 1)", "",
+           f"Config: `{extra.get('config_arg', '') if extra else ''}`; top-1 in %, mean ± "
+           f"sample std over seeds; finished runs only.", "", tab, ""]
+  if not any("val_top1" in r for rs in results["variants"].values() for r in rs):
+    lines += ["No validation split in this config: only final test accuracy is reported "
+              "(no epoch is chosen on the test split).", ""]
+  for path in figs:
+    lines += [f"![{os.path.basename(path)}]({os.path.basename(path)})", ""]
+  with open(os.path.join(root, "ablation.md"), "w") as f:
+    f.write("\n".join(lines))
+  return tab
+
+
+# --------------------------------------------------------------------------------- run
+
+
+def _run_cost(config, run: Run) -> float:
+  return sum(float(config[s].epochs) * _COST[s]
+             for s in run.stages.split(",")) if run.stages != "finetune" else (
+                 float(config.lns.epochs) * _COST["finetune"])
+
+
+def _finished(workdir: str, stages: str) -> bool:
+  return os.path.exists(os.path.join(workdir, stages.split(",")[-1], "result.json"))
+
+
+def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
+                 baseline: str = "", *, config_arg: str = "", log=print,
+                 stop_at=None) -> dict:
+  """Runs (or resumes) the whole ablation; returns ``ablation.json``'s content.
+
+  ``stop_at=(variant, seed, stage, step)`` interrupts one run as a preemption would
+  (tests). Returns ``{'interrupted': True, ...}`` when a run was stopped.
+  """
+  from lns_jax import config as config_lib
+  from lns_jax import parallel, trainer
+
+  root = os.path.abspath(os.path.expanduser(workdir))
+  runs = plan(config, seeds, alphas, rhos)
+  os.makedirs(root, exist_ok=True)
+  base_dir = os.path.join(root, BASELINE)
+  t0, done_cost = time.time(), 0.0
+  costs = {r: _run_cost(config, r) for r in runs}
+  total = sum(costs.values()) + (0 if baseline else float(config.pretrain.epochs))
+
+  def eta() -> str:
+    left = sum(c for r, c in costs.items() if not _finished(r.workdir(root), r.stages))
+    if not baseline and not _finished(base_dir, "pretrain"):
+      left += float(config.pretrain.epochs)
+    if done_cost <= 0:
+      return "ETA after the first run"
+    return f"ETA {_duration((time.time() - t0) / done_cost * left)}"
+
+  if baseline:
+    baseline_final = baseline
+  else:
+    bcfg = baseline_config(config)
+    config_lib.validate(bcfg, num_devices=parallel.make_mesh().size)
+    check_baseline_dir(bcfg, base_dir)
+    if not _finished(base_dir, "pretrain"):
+      log(f"[ablation] run 0/{len(runs)}: baseline (pretrain, {config.pretrain.epochs:g} epochs) "
+          f"in {base_dir}; {eta()}")
+      res = trainer.train(bcfg, base_dir, stop_at=_stop(stop_at, BASELINE, None))
+      if any(r.get("interrupted") for r in res.values()):
+        return {"interrupted": True, "run": BASELINE, "signal": _signal(res)}
+      done_cost += float(config.pretrain.epochs)
+    baseline_final = os.path.join(base_dir, "pretrain", "final")
+  for cfg_check in {r.variant: run_config(config, r, baseline_final) for r in runs}.values():
+    config_lib.validate(cfg_check, num_devices=parallel.make_mesh().size)
+
+  extra = {"config_arg": config_arg, "seeds": seeds, "baseline_checkpoint": baseline_final}
+  for i, run in enumerate(runs, 1):
+    wd = run.workdir(root)
+    if _finished(wd, run.stages):
+      continue
+    log(f"[ablation] run {i}/{len(runs)}: {run.variant} seed {run.seed} "
+        f"({run.stages}, alpha {run.alpha:g}, rho {run.rho}) in {wd}; {eta()}")
+    res = trainer.train(run_config(config, run, baseline_final), wd,
+                        stop_at=_stop(stop_at, run.variant, run.seed))
+    if any(r.get("interrupted") for r in res.values()):
+      return {"interrupted": True, "run": f"{run.variant}/seed{run.seed}", "signal": _signal(res)}
+    done_cost += costs[run]
+    if parallel.is_main_process():
+      write_report(root, runs, config, extra, baseline)
+  results = collect(root, runs, baseline)
+  if parallel.is_main_process():
+    log("\n" + write_report(root, runs, config, extra, baseline))
+    log(f"[ablation] done: {os.path.join(root, 'ablation.md')}")
+  return results
+
+
+def _signal(results):
+  return next((r.get("signal") for r in results.values() if r.get("interrupted")), None)
+
+
+def _stop(stop_at, variant, seed):
+  if stop_at and stop_at[0] == variant and stop_at[1] == seed:
+    return (stop_at[2], stop_at[3])
+  return None
+
+
+def _duration(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  h, rem = divmod(seconds, 3600)
+  return f"{h} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
+
+
+def parse_floats(text: str, flag: str) -> List[float]:
+  """``'0,0.1,1'`` -> ``[0.0, 0.1, 1.0]``; one-line :class:`AblationError` otherwise."""
+  if not text:
+    return []
+  out = []
+  for part in text.split(","):
+    try:
+      v = float(part)
+    except ValueError:
+      raise AblationError(f"--{flag}={text!r}: {part.strip()!r} is not a number; give "
+                          f"comma-separated numbers like 0,0.1,1.") from None
+    if not math.isfinite(v) or v < 0:
+      raise AblationError(f"--{flag}={text!r}: {part.strip()} must be finite and >= 0.")
+    out.append(v)
+  return out
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def main(argv):
+  """``python -m lns_jax.ablation``: flags as in the module docstring."""
+  import sys
+
+  from absl import flags
+
+  from lns_jax import config as config_lib
+  from lns_jax import trainer
+  from lns_jax.checkpoint import CheckpointMismatchError
+  from lns_jax.cli import quiet_logging
+  from lns_jax.data import DatasetNotFoundError
+  del argv
+  quiet_logging()
+  fl = flags.FLAGS
+  config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+  try:
+    out = run_ablation(fl.config, fl.workdir, fl.seeds, parse_floats(fl.alphas, "alphas"),
+                       parse_floats(fl.rhos, "rhos"), fl.baseline, config_arg=config_arg)
+  except (AblationError, config_lib.ConfigError, DatasetNotFoundError,
+          CheckpointMismatchError, trainer.TrainingError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("[ablation] interrupted; run the same command again to resume.", file=sys.stderr)
+    sys.exit(130)
+  if out.get("interrupted"):
+    print(f"[ablation] {out['run']} stopped after a checkpoint; run the same command again "
+          f"to resume.", flush=True)
+    sys.exit(128 + int(out.get("signal") or 15))
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "The ablation's folder (resumable).")
+  flags.DEFINE_integer("seeds", 3, "Seeds per variant.")
+  flags.DEFINE_string("alphas", "", "Fig. 4 sweep, e.g. 0,0.1,1,10.")
+  flags.DEFINE_string("rhos", "", "Fig. 5 sweep, e.g. 0,0.005,0.05.")
+  flags.DEFINE_string("baseline", "", "Reuse this pretrained baseline (a stage or final/ "
+                      "folder) instead of pretraining one in WORKDIR/baseline.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,145 @@
+"""The Table 1 ablation runner (``python -m lns_jax.ablation``) at smoke size, 2 seeds."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lns_jax import ablation
+from lns_testutil import ROOT, smoke_config
+
+
+def _config():
+  c = smoke_config(data__val_examples=32)
+  c.data.train_examples = 64  # 2 steps an epoch at batch 32
+  c.pretrain.epochs = 1
+  return c
+
+
+def _result_mtimes(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    if "result.json" in files:
+      p = os.path.join(dirpath, "result.json")
+      out[p] = os.stat(p).st_mtime_ns
+  return out
+
+
+@pytest.mark.slow
+def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
+  root = str(tmp_path / "abl")
+  config = _config()
+  logs = []
+  # An interruption in the middle of seed 1's LNS stage, as a preemption would.
+  out = ablation.run_ablation(config, root, seeds=2, log=logs.append,
+                              stop_at=("lns", 1, "lns", 1))
+  assert out == {"interrupted": True, "run": "lns/seed1", "signal": None}
+  done_before = _result_mtimes(root)
+  # Baseline, 3 variants of seed 0, finetune and lns_alpha0 of seed 1, warmup of lns/seed1.
+  assert len([p for p in done_before if p.endswith("pretrain/result.json")]) == 1
+  assert os.path.exists(os.path.join(root, "lns", "seed1", "warmup", "result.json"))
+  assert not os.path.exists(os.path.join(root, "lns", "seed1", "lns", "result.json"))
+  assert os.listdir(os.path.join(root, "lns", "seed1", "lns", "checkpoints"))
+  assert any("run 0/6: baseline" in line for line in logs)
+  assert any("run 6/6: lns seed 1" in line and "ETA" in line for line in logs)
+
+  logs.clear()
+  results = ablation.run_ablation(config, root, seeds=2, log=logs.append)
+  # Finished runs are not repeated; only the interrupted one ran again.
+  after = _result_mtimes(root)
+  for path, mtime in done_before.items():
+    assert after[path] == mtime, path
+  started = [line for line in logs if "] run " in line]
+  assert len(started) == 1 and "lns seed 1" in started[0]
+
+  saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+  assert set(saved["variants"]) == {"finetune", "lns_alpha0", "lns"}
+  for name, recs in saved["variants"].items():
+    assert [r["seed"] for r in recs] == [0, 1], name
+    for r in recs:
+      assert 0.0 <= r["test_top1"] <= 1.0 and r["test_top1"] <= r["test_top5"] <= 1.0
+      assert 0.0 <= r["val_top1"] <= 1.0 and "best_test_top1" in r
+  assert saved["variants"]["lns_alpha0"][0]["alpha"] == 0.0
+  assert saved["variants"]["lns"][0]["alpha"] == config.alpha
+  assert "warmup_signs_differ" in saved["variants"]["lns"][0]
+  assert 0.0 <= saved["baseline"]["test_top1"] <= 1.0
+  assert results["variants"] == saved["variants"]
+  # Each variant's run starts from the same baseline checkpoint.
+  for variant in ("finetune", "lns"):
+    cfg = json.loads((tmp_path / "abl" / variant / "seed0" / "config.json").read_text())
+    assert cfg["init_from"].endswith(os.path.join("baseline", "pretrain", "final"))
+  fin = json.loads((tmp_path / "abl" / "finetune" / "seed1" / "config.json").read_text())
+  assert fin["finetune"] == fin["lns"] and fin["seed"] == 1
+
+  # The table is built from ablation.json: mean and sample std over the two seeds.
+  md = (tmp_path / "abl" / "ablation.md").read_text()
+  vals = [100 * r["test_top1"] for r in saved["variants"]["lns"]]
+  row = next(line for line in md.splitlines() if line.startswith("| lns |"))
+  assert f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}" in row
+  assert "| 2 |" in row
+  assert (tmp_path / "abl" / "fig3.png").stat().st_size > 1000
+  assert "fig3.png" in md
+
+  # --baseline reuses a pretrained baseline: no pretraining, its result in the table.
+  other = str(tmp_path / "abl2")
+  reused = ablation.run_ablation(config, other, seeds=1, log=logs.append,
+                                 baseline=os.path.join(root, "baseline", "pretrain", "final"))
+  assert not os.path.exists(os.path.join(other, "baseline"))
+  assert reused["baseline"] == saved["baseline"]
+  assert [len(v) for v in reused["variants"].values()] == [1, 1, 1]
+
+
+def test_table_from_ablation_json_numbers():
+  results = {"baseline": {"test_top1": 0.9, "val_top1": 0.8},
+             "variants": {"finetune": [{"seed": 0, "test_top1": 0.91, "val_top1": 0.81,
+                                        "best_test_top1": 0.905},
+                                       {"seed": 1, "test_top1": 0.93, "val_top1": 0.83,
+                                        "best_test_top1": 0.925}],
+                          "lns": []}}
+  lines = ablation.table(results).splitlines()
+  assert lines[2] == "| baseline (pretrained) | - | 90.00 | - | 80.00 |"
+  assert lines[3] == "| finetune | 2 | 92.00 ± 1.41 | 91.50 ± 1.41 | 82.00 ± 1.41 |"
+  assert lines[4] == "| lns | 0 | - | - | - |"
+
+
+def test_plan_names_sweep_variants():
+  c = _config()
+  runs = ablation.plan(c, seeds=1, alphas=[0, 0.1, 1, 10], rhos=[0, 0.005, 0.05])
+  names = [r.variant for r in runs]
+  assert names == ["finetune", "lns_alpha0", "lns", "lns_alpha0.1", "lns_alpha10",
+                   "lns_rho0", "lns_rho0.05"]
+  by = {r.variant: r for r in runs}
+  assert by["lns_alpha10"].alpha == 10 and by["lns_alpha10"].rho == c.rho
+  assert by["lns_rho0.05"].rho == 0.05 and by["lns_rho0.05"].alpha == c.alpha
+  assert by["finetune"].stages == "finetune" and by["lns_alpha0"].stages == "warmup,lns"
+
+
+def test_reused_baseline_dir_from_another_config_is_refused(tmp_path):
+  base = tmp_path / "baseline"
+  base.mkdir()
+  other = _config()
+  other.pretrain.lr = 0.5
+  (base / "config.json").write_text(other.to_json_best_effort())
+  with pytest.raises(ablation.AblationError, match="config.pretrain"):
+    ablation.check_baseline_dir(ablation.baseline_config(_config()), str(base))
+  ablation.check_baseline_dir(ablation.baseline_config(other), str(base))  # same: fine
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--seeds=0"], "seeds"),
+    (["--alphas=0,x"], "--alphas"),
+    (["--rhos=-1"], "--rhos"),
+    (["--config.rho=0.7"], "config.rho"),
+])
+def test_cli_bad_input_one_line(tmp_path, flags, expect):
+  cmd = [sys.executable, "-m", "lns_jax.ablation",
+         "--config=" + os.path.join(ROOT, "configs", "fashion_mnist_r20.py") + ":smoke,val",
+         f"--workdir={tmp_path / 'w'}", *flags]
+  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert p.returncode == 2, p.stderr
+  err = [line for line in p.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in p.stderr
+  assert any(expect in line for line in err), p.stderr
