@@ -8,13 +8,14 @@ LNS_COORDINATOR_ADDRESS, LNS_NUM_PROCESSES, LNS_PROCESS_ID), or
 --coordinator_address=auto on clusters JAX detects (SLURM, TPU pods, Open MPI).
 """
 
+import errno
 import os
 import sys
 
 # tf.data is the input pipeline only: keep TensorFlow off the accelerators and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -27,10 +28,21 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-hos
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _newest_checkpoints(workdir, stages):
+  """Which checkpoints a failed run leaves to resume from, as a sentence."""
+  kept = []
+  for stage in stages:
+    folder = os.path.join(os.path.expanduser(workdir), stage, "checkpoints")
+    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+    if steps:
+      kept.append(f"{stage} step {max(steps)}")
+  return (f"Kept checkpoints: {', '.join(kept)}." if kept else "No checkpoint was written.")
+
+
 def main(argv):
   del argv
-  from lns_jax.cli import quiet_logging
-  quiet_logging()
+  from lns_jax import cli
+  cli.quiet_logging()
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
   import jax
@@ -39,14 +51,23 @@ def main(argv):
   from lns_jax.checkpoint import CheckpointMismatchError
   from lns_jax.data import DatasetNotFoundError
 
-  parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  try:
+    parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  except ValueError as e:
+    cli.fail(f"--coordinator_address/--num_processes/--process_id: {e}")
   logging.info("JAX processes: %d, devices: %s", jax.process_count(), jax.devices())
   try:
     results = trainer.train(_CONFIG.value, _WORKDIR.value)
   except (config_lib.ConfigError, DatasetNotFoundError, CheckpointMismatchError,
           trainer.TrainingError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+      raise
+    # A full (or read-only) disk outside a checkpoint save, e.g. at a log write.
+    cli.fail(f"writing {e.filename or 'into ' + _WORKDIR.value} failed ({e.strerror}). "
+             f"{_newest_checkpoints(_WORKDIR.value, config_lib.stage_names(_CONFIG.value))} "
+             f"Free space and run the same command again to resume.")
   stopped = [r for r in results.values() if r.get("interrupted")]
   if stopped:
     # Preempted (SIGTERM) or interrupted (SIGINT) after a checkpoint: the shell's
@@ -55,4 +76,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from lns_jax import cli
+  cli.run(main)  # app.run(main), with bad flags as one `error:` line, exit code 2

@@ -392,7 +392,7 @@ def main(argv):
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                   lock_config=True)
@@ -403,4 +403,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("baseline", "", "Reuse this pretrained baseline (a stage or final/ "
                       "folder) instead of pretraining one in WORKDIR/baseline.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from lns_jax import cli
+  cli.run(main)  # app.run(main), with bad flags as one `error:` line, exit code 2

@@ -8,6 +8,7 @@ never add keys, so a typo (``--config.lns.alpah=1``) is an error, not a silent n
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from typing import Iterable
@@ -77,7 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune = stage_config(120, 0.01, decay_epochs=(30, 60, 90))
 
   c.alpha = 1.0                      # Eq. 21
-  c.rho = 0.005                      # float, or a pair (rho_pos, rho_neg), Eq. 8-9
+  # A number, or a pair (rho_pos, rho_neg), Eq. 8-9. Typed `object` so that a command-line
+  # override may give either: --config.rho=0.01 or --config.rho='(0.01,0.002)'.
+  c.rho = ml_collections.FieldReference(0.005, field_type=object)
   c.reduction = "mean"               # 'mean' (Eq. 16) or 'sum' (Eq. 17)
   c.labels = "current"               # DESIGN decision 3
 
@@ -168,17 +171,57 @@ def _check_number(config, field, *, low=None, high=None, low_open=False, integer
     _fail(field, f"{value!r} must be <= {high}.")
 
 
-def _check_keys(config, reference, prefix=""):
+def _leaf_paths(node, prefix=""):
+  for key in node.keys():
+    if isinstance(node[key], ml_collections.ConfigDict):
+      yield from _leaf_paths(node[key], prefix + key + ".")
+    else:
+      yield prefix + key
+
+
+def unknown_field_message(field: str, group, root) -> str:
+  """The error for ``config.<field>``, a name not in ``group`` (a node of ``root``).
+
+  Suggests the closest name in the same group, else a close field elsewhere in ``root``
+  (``config.lns.alpah`` -> ``config.alpha``), and lists the group's fields.
+  """
+  key = field.rsplit(".", 1)[-1]
+  close = difflib.get_close_matches(key, list(group.keys()), n=1, cutoff=0.6)
+  if close:
+    hint = f" (did you mean {close[0]!r}?)"
+  else:
+    by_name = {}
+    for path in _leaf_paths(root):
+      by_name.setdefault(path.rsplit(".", 1)[-1], path)
+    names = difflib.get_close_matches(key, list(by_name), n=1, cutoff=0.6)
+    hint = f" (did you mean config.{by_name[names[0]]}?)" if names else ""
+  return f"config.{field}: unknown field{hint}; allowed: {', '.join(sorted(group.keys()))}."
+
+
+def check_override_path(path: str, config) -> None:
+  """Raises :class:`ConfigError` if ``path`` (``'lns.lr'``) names no field of ``config``."""
+  node = config
+  parts = path.split(".")
+  for i, part in enumerate(parts):
+    field = ".".join(parts[:i + 1])
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"config.{'.'.join(parts[:i])}: is a value, not a group of fields; "
+                        f"set it with --config.{'.'.join(parts[:i])}=VALUE.")
+    if part not in node:
+      raise ConfigError(unknown_field_message(field, node, config))
+    node = node[part]
+
+
+def _check_keys(config, reference, prefix="", root=None):
+  root = reference if root is None else root
   for key in config.keys():
     if key not in reference:
-      close = [k for k in reference.keys() if k[:3] == key[:3]]
-      hint = f" (did you mean {close[0]!r}?)" if close else ""
-      _fail(prefix + key, f"unknown field{hint}; allowed: {', '.join(sorted(reference.keys()))}.")
+      raise ConfigError(unknown_field_message(prefix + key, reference, root))
     sub, ref = config[key], reference[key]
     if isinstance(ref, ml_collections.ConfigDict):
       if not isinstance(sub, ml_collections.ConfigDict):
         _fail(prefix + key, f"must be a group of fields like {sorted(ref.keys())}, got {sub!r}.")
-      _check_keys(sub, ref, prefix + key + ".")
+      _check_keys(sub, ref, prefix + key + ".", root)
 
 
 def validate(config, num_devices: int = 1) -> None:
@@ -206,6 +249,10 @@ def validate(config, num_devices: int = 1) -> None:
   _check_choice(config, "mapping.ste", quantizers.MAPPING_STES)
   _check_choice(config, "mapping.init", mapping.MAPPING_INITS)
   _check_choice(config, "data.name", DATASETS)
+  for name, low in (("train_examples", 1), ("eval_examples", 1), ("image_size", 1),
+                    ("val_examples", 0), ("shuffle_buffer", 1), ("prefetch", 1)):
+    if config.data.get(name) is not None:  # None: the dataset's own size
+      _check_number(config, f"data.{name}", low=low, integer=True)
   for field in ("seed", "batch_size", "log_every_steps",
                 "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints"):
     _check_number(config, field, low=0 if field == "seed" else 1, integer=True)
@@ -232,6 +279,11 @@ def validate(config, num_devices: int = 1) -> None:
     if config[s].epochs <= 0:
       _fail(f"{s}.epochs", f"{config[s].epochs!r} must be > 0 for a stage that runs.")
   _check_number(config, "alpha", low=0)
+  rho = config.rho
+  if not all(isinstance(r, numbers.Real) and not isinstance(r, bool)
+             for r in (rho if isinstance(rho, (tuple, list)) else (rho,))):
+    _fail("rho", f"{rho!r} must be a number (e.g. 0.005) or a pair (rho_pos, rho_neg), "
+                 f"on the command line --config.rho='(0.01,0.002)'.")
   try:
     loss.check_rho(config.rho)
   except ValueError as e:

@@ -48,7 +48,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import warnings
 import zipfile
 import zlib
@@ -420,22 +419,22 @@ def format_report(r: dict) -> str:
 def main(argv):
   del argv
   from absl import flags
-  from lns_jax.cli import quiet_logging
-  quiet_logging()
+  from lns_jax import cli
+  cli.quiet_logging()
   F = flags.FLAGS
   try:
     report = export(F.workdir, F.out, F.stage or None)
   except ExportError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   print(format_report(report))
 
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from absl import app, flags
+  from absl import flags
   flags.DEFINE_string("workdir", None, "The run's workdir (read only).")
   flags.DEFINE_string("out", None, "The export file to write (.npz).")
   flags.DEFINE_string("stage", None, "Stage to export; default: the last one run.")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  from lns_jax import cli
+  cli.run(main)  # app.run(main), with bad flags as one `error:` line, exit code 2

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -213,20 +212,27 @@ def evaluate(model: InferenceModel, config=None, split: str = "test",
 def main(argv):
   del argv
   from absl import flags
-  from lns_jax.cli import quiet_logging
-  quiet_logging()
+  from lns_jax import cli
+  from lns_jax import config as config_lib
+  from lns_jax import data as data_lib
+  cli.quiet_logging()
   F = flags.FLAGS
   try:
     config = F.config
+    if config is not None:
+      config_lib.validate(config)
     model = load(F.export, config)
     if config is None:
       config = model.config()
       if F.data_dir:
         config.data.data_dir = F.data_dir
+    splits = ("train", "test") + (("validation",) if config.data.get("val_examples") else ())
+    if F.split not in splits:
+      raise config_lib.ConfigError(f"--split={F.split}: not a split of this config; use one "
+                                   f"of {', '.join(splits)}.")
     result = evaluate(model, config, F.split, use_packed=F.packed)
-  except ExportError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except (ExportError, config_lib.ConfigError, data_lib.DatasetNotFoundError) as e:
+    cli.fail(e)
   src = model.header.get("source", {})
   print(f"{F.export}: {model.spec['name']} (stage {src.get('stage')}, step {src.get('step')}),"
         f" {'packed XNOR/popcount' if F.packed else 'float'} binary convs")
@@ -240,7 +246,7 @@ def main(argv):
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   flags.DEFINE_string("export", None, "Export file written by python -m lns_jax.export.")
   config_flags.DEFINE_config_file("config", None, "Optional config (configs/*.py[:arg]); "
@@ -249,4 +255,5 @@ if __name__ == "__main__":
   flags.DEFINE_bool("packed", False, "Binary convs on packed bits (XNOR/popcount).")
   flags.DEFINE_string("data_dir", None, "TFDS data_dir (when --config is not given).")
   flags.mark_flags_as_required(["export"])
-  app.run(main)
+  from lns_jax import cli
+  cli.run(main)  # app.run(main), with bad flags as one `error:` line, exit code 2

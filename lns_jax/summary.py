@@ -256,8 +256,13 @@ def format_table(summary: ModelSummary) -> str:
 def main(argv):
   del argv
   from absl import flags
-  from lns_jax.cli import quiet_logging
-  quiet_logging()
+  from lns_jax import cli
+  from lns_jax import config as config_lib
+  cli.quiet_logging()
+  try:
+    config_lib.validate(flags.FLAGS.config)
+  except config_lib.ConfigError as e:
+    cli.fail(e)
   summary = summarize(flags.FLAGS.config)
   if flags.FLAGS.json:
     print(json.dumps(summary.as_dict(), indent=2))
@@ -268,9 +273,10 @@ def main(argv):
 if __name__ == "__main__":
   import os
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
   flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from lns_jax import cli
+  cli.run(main)  # app.run(main), with bad flags as one `error:` line, exit code 2
