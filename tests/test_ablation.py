@@ -78,7 +78,7 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
   md = (tmp_path / "abl" / "ablation.md").read_text()
   vals = [100 * r["test_top1"] for r in saved["variants"]["lns"]]
   row = next(line for line in md.splitlines() if line.startswith("| lns |"))
-  assert f"{np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f}" in row
+  assert f"{max(vals):.2f} ({np.mean(vals):.2f} ± {np.std(vals, ddof=1):.2f})" in row
   assert "| 2 |" in row
   assert (tmp_path / "abl" / "fig3.png").stat().st_size > 1000
   assert "fig3.png" in md
@@ -101,7 +101,7 @@ def test_table_from_ablation_json_numbers():
                           "lns": []}}
   lines = ablation.table(results).splitlines()
   assert lines[2] == "| baseline (pretrained) | - | 90.00 | - | 80.00 |"
-  assert lines[3] == "| finetune | 2 | 92.00 ± 1.41 | 91.50 ± 1.41 | 82.00 ± 1.41 |"
+  assert lines[3] == "| finetune | 2 | 93.00 (92.00 ± 1.41) | 91.50 ± 1.41 | 82.00 ± 1.41 |"
   assert lines[4] == "| lns | 0 | - | - | - |"
 
 
