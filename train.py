@@ -14,6 +14,7 @@ import sys
 
 # tf.data is the input pipeline only: keep TensorFlow off the accelerators and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # no "oneDNN custom operations" lines
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

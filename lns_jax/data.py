@@ -45,17 +45,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging as pylogging
 import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Iterator, Optional
 from unittest import mock
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+
+from lns_jax.cli import quiet_environment
+
+quiet_environment()  # before TensorFlow's first import: no oneDNN / absl start-up lines
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 
 # tf.data must never grab the accelerator; JAX owns it.
 try:
@@ -293,6 +299,35 @@ def _idx_count(path: str) -> int:
   return int.from_bytes(header[4:8], "big")
 
 
+_TITLES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10",
+           "imagenet2012": "ImageNet"}
+# TFDS warns "Variant folder ... has no dataset_info.json" when asked whether a
+# dataset that is not built yet is built.
+_NOT_BUILT_YET = "has no dataset_info.json"
+
+
+class _DropMessages(pylogging.Filter):
+  def __init__(self, needle: str):
+    super().__init__()
+    self.needle = needle
+
+  def filter(self, record) -> bool:
+    return self.needle not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _absl_filter(needle: str):
+  """Drops absl log records containing ``needle`` inside the block."""
+  from absl import logging as absl_logging
+  f = _DropMessages(needle)
+  logger = absl_logging.get_absl_logger()
+  logger.addFilter(f)
+  try:
+    yield
+  finally:
+    logger.removeFilter(f)
+
+
 def _refuse_network(*args, **kwargs):
   raise RuntimeError(f"lns_jax.data is offline; TFDS tried to reach the network: {args} {kwargs}")
 
@@ -317,8 +352,9 @@ def prepare(config) -> None:
   """
   cfg = _data_cfg(config)
   builder = _builder(config)
-  if builder.is_prepared():
-    return
+  with _absl_filter(_NOT_BUILT_YET):  # expected here: that is what is_prepared() asks
+    if builder.is_prepared():
+      return
   ldir = local_dir(config)
   missing = [p for p in _required_files(cfg, ldir) if not os.path.isfile(p)]
   if cfg.name == "imagenet2012" and len(missing) < len(_IMAGENET_FILES):
@@ -348,6 +384,14 @@ def prepare(config) -> None:
     # and Fashion-MNIST share file names).
     os.makedirs(builder.data_dir_root, exist_ok=True)
     extract_dir = tempfile.mkdtemp(prefix=f"{cfg.name}-extract-", dir=builder.data_dir_root)
+  # TFDS would print "Downloading and preparing dataset Unknown size ..." although
+  # nothing is downloaded: say what happens instead.
+  builder._log_download_bytes = lambda: None  # pylint: disable=protected-access
+  builder._log_download_done = lambda: None  # pylint: disable=protected-access
+  title = _TITLES.get(cfg.name, cfg.name)
+  print(f"building {title} from the local files in {ldir} into {builder.data_dir_root} "
+        f"(once) ...", flush=True)
+  start = time.time()
   try:
     with _no_network():
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -359,6 +403,8 @@ def prepare(config) -> None:
   finally:
     if extract_dir:
       shutil.rmtree(extract_dir, ignore_errors=True)
+  splits = ", ".join(f"{s.num_examples:,} {name}" for name, s in builder.info.splits.items())
+  print(f"built {title} ({splits}) in {time.time() - start:.0f} s", flush=True)
 
 
 # ----------------------------------------------------------------------------

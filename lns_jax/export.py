@@ -20,7 +20,7 @@ final checkpoint (read only: the workdir is never written) and writes one file w
   slopes;
 * a JSON header.
 
-File format (``FORMAT_VERSION = 1``): an uncompressed NumPy ``.npz`` (a zip of
+File format (``EXPORT_FORMAT_VERSION = "1.1"``): an uncompressed NumPy ``.npz`` (a zip of
 ``.npy`` files; readable with ``numpy.load`` alone). Members:
 
   ``header``                        uint8: UTF-8 JSON, see below
@@ -29,7 +29,8 @@ File format (``FORMAT_VERSION = 1``): an uncompressed NumPy ``.npz`` (a zip of
   ``params/<module path>/<name>``   float32: full-precision parameters
   ``batch_stats/<module path>/<name>`` float32: BatchNorm running statistics
 
-The header holds ``format`` ("lns-jax-export"), ``version``, ``model`` (what
+The header holds ``format`` ("lns-jax-export"), ``version`` (the format's
+"major.minor"), ``lns_jax_version`` (the lns-jax that wrote it), ``model`` (what
 rebuilds the inference model: ``name``, ``num_classes``, ``image_shape``,
 ``input_binarizer``, ``weight_scale``, ``clip``), ``binary_layers`` (per layer: path,
 kernel shape, scale shape, the binarizer it was trained with, strides, padding),
@@ -56,7 +57,11 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 FORMAT = "lns-jax-export"
-FORMAT_VERSION = 1
+# The file format's version, "major.minor". A reader reads its own major version with
+# any minor version up to its own; another major or a newer minor is an
+# ExportVersionError. 1.0 (written as the integer 1) had no ``lns_jax_version``.
+EXPORT_FORMAT_VERSION = "1.1"
+FORMAT_VERSION = EXPORT_FORMAT_VERSION  # the name before 1.1
 
 
 class ExportError(ValueError):
@@ -65,6 +70,10 @@ class ExportError(ValueError):
 
 class ExportMismatchError(ExportError):
   """The export does not fit the model, config or inputs it is used with."""
+
+
+class ExportVersionError(ExportError):
+  """The export was written in a format version this lns-jax cannot read."""
 
 
 # ----------------------------------------------------------------------------- the run
@@ -293,7 +302,10 @@ def pack_signs(signs) -> Tuple[np.ndarray, Tuple[int, ...]]:
 
 def write_file(path: str, header: dict, members: Dict[str, np.ndarray]) -> int:
   """Writes the ``.npz`` atomically (temp file + rename); returns its size in bytes."""
+  from lns_jax import __version__
   header = dict(header)
+  header.setdefault("version", EXPORT_FORMAT_VERSION)
+  header.setdefault("lns_jax_version", __version__)
   header["arrays"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": _sha256(v)}
                       for k, v in sorted(members.items())}
   blob = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), np.uint8)
@@ -314,6 +326,35 @@ def _damaged(path, why):
   return ExportError(
       f"{path} is damaged or truncated ({why}); it cannot be loaded. Export the model "
       f"again: python -m lns_jax.export --workdir=<run> --out={path}")
+
+
+def parse_format_version(version) -> Tuple[int, int]:
+  """``(major, minor)`` of a header's ``version``: ``1`` (format 1.0) or ``"1.1"``."""
+  if isinstance(version, int) and not isinstance(version, bool):
+    return version, 0
+  parts = str(version).split(".") if isinstance(version, str) else []
+  if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    raise ValueError(f"not a 'major.minor' version: {version!r}")
+  return int(parts[0]), int(parts[1])
+
+
+def check_format_version(header: dict, path: str = "the export") -> None:
+  """Raises :class:`ExportVersionError` (one line) unless this lns-jax reads ``header``."""
+  from lns_jax import __version__
+  ours = parse_format_version(EXPORT_FORMAT_VERSION)
+  writer = header.get("lns_jax_version")
+  by = f"lns-jax {writer}" if writer else "an lns-jax that did not record its version"
+  fix = (f"Export the run again with this lns-jax (python -m lns_jax.export "
+         f"--workdir=<run> --out={path})" + (f", or load it with {by}." if writer else "."))
+  try:
+    theirs = parse_format_version(header.get("version"))
+  except ValueError:
+    raise ExportVersionError(f"{path} has an unreadable export format version "
+                             f"{header.get('version')!r} (written by {by}). {fix}") from None
+  if theirs[0] != ours[0] or theirs[1] > ours[1]:
+    raise ExportVersionError(
+        f"{path} was written by {by} in export format {theirs[0]}.{theirs[1]}; this lns-jax "
+        f"({__version__}) reads formats {ours[0]}.0 to {ours[0]}.{ours[1]}. {fix}")
 
 
 def read_file(path: str) -> Tuple[dict, Dict[str, np.ndarray]]:
@@ -338,9 +379,7 @@ def read_file(path: str) -> Tuple[dict, Dict[str, np.ndarray]]:
     raise ExportError(f"{path} is not an lns-jax export (format "
                       f"{header.get('format') if isinstance(header, dict) else None!r}); give "
                       f"a file written by python -m lns_jax.export.")
-  if int(header.get("version", -1)) > FORMAT_VERSION:
-    raise ExportError(f"{path} has export format version {header.get('version')}, newer than "
-                      f"this lns-jax reads ({FORMAT_VERSION}); update lns-jax.")
+  check_format_version(header, path)
   listed = header.get("arrays", {})
   if set(listed) != set(members):
     missing = sorted(set(listed) - set(members))

@@ -219,3 +219,51 @@ def test_cli(run, exported, tmp_path):
                      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2, r.stderr[-2000:]
   assert "damaged or truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_header_records_lns_jax_version_and_config(run, exported):
+  """The export says where it came from: the lns-jax that wrote it and the run's config."""
+  import tomllib
+  import lns_jax
+  cfg, workdir = run
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    assert lns_jax.__version__ == tomllib.load(f)["project"]["version"]
+  header, _ = export.read_file(exported["lns"]["out"])
+  assert header["lns_jax_version"] == lns_jax.__version__
+  assert header["version"] == export.EXPORT_FORMAT_VERSION == export.FORMAT_VERSION
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.loads(header["config"]) == json.load(f)
+  model = inference.load(exported["lns"]["out"])
+  assert model.config().to_dict() == json.loads(header["config"])
+  assert model.config().model.name == cfg.model.name
+
+
+def test_incompatible_format_version_is_one_clear_error(exported, tmp_path):
+  """Another major format version, or a newer minor one, is one line; the CLI exits 2."""
+  header, members = export.read_file(exported["pretrain"]["out"])
+  major, minor = export.parse_format_version(export.EXPORT_FORMAT_VERSION)
+
+  def rewrite(name, **fields):
+    path = tmp_path / name
+    export.write_file(str(path), {**header, **fields}, members)
+    return str(path)
+
+  # Format 1.0 files (an integer version, no writer version) still load.
+  old = rewrite("old.npz", version=1, lns_jax_version=None)
+  assert export.read_file(old)[0]["version"] == 1
+  for version in (f"{major + 1}.0", f"{major}.{minor + 1}", f"{major - 1}.{minor}", "1.x", None):
+    path = rewrite(f"v{version}.npz", version=version, lns_jax_version="9.9.9")
+    with pytest.raises(export.ExportVersionError) as e:
+      inference.load(path)
+    msg = str(e.value)
+    assert "\n" not in msg and path in msg and "9.9.9" in msg, msg
+    assert "python -m lns_jax.export" in msg, msg
+  path = rewrite("v2.npz", version=f"{major + 1}.0", lns_jax_version="9.9.9")
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, "-m", "lns_jax.inference", f"--export={path}"],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+  assert f"export format {major + 1}.0" in lines[0] and "9.9.9" in lines[0]
