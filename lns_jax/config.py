@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mapping.init = "random"          # 'random' (paper) | 'sign': q_hat starts at sign(W) (lns_jax.mapping)
   c.mapping.ste = "clip_grad"        # how sign(q_hat) passes gradients (DESIGN decision 1)
   c.mapping.clip = 1.0               # 'clip_grad': bound on the gradient's value; 'window': |q_hat| <= clip
+  c.mapping.shard = True             # several devices: each maps 1/N of every layer's filters
 
   c.data = data.default_data_config()
   c.batch_size = 128                 # global, over all devices and hosts (eval uses it too)
@@ -248,6 +249,7 @@ def validate(config, num_devices: int = 1) -> None:
   _check_number(config, "mapping.clip", low=0, low_open=True)
   _check_choice(config, "mapping.ste", quantizers.MAPPING_STES)
   _check_choice(config, "mapping.init", mapping.MAPPING_INITS)
+  _check_choice(config, "mapping.shard", (True, False))
   _check_choice(config, "data.name", DATASETS)
   for name, low in (("train_examples", 1), ("eval_examples", 1), ("image_size", 1),
                     ("val_examples", 0), ("shuffle_buffer", 1), ("prefetch", 1)):

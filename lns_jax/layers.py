@@ -57,6 +57,7 @@ class BinaryConv(nn.Module):
   mapping_clip: Optional[float] = 1.0
   mapping_ste: str = "clip_grad"
   mapping_init: str = "random"
+  mapping_sharding: Any = None  # MappingNet.filter_sharding: split f_theta over devices
   kernel_init: Callable = nn.initializers.kaiming_normal()
   dtype: Any = jnp.float32
 
@@ -76,7 +77,7 @@ class BinaryConv(nn.Module):
     else:
       scale = lax.stop_gradient(quantizers.weight_scale(kernel, self.weight_scale))
       q_hat = MappingNet(output=self.mapping_output, start=self.mapping_init,
-                         name="mapping")(kernel, train=train)
+                         filter_sharding=self.mapping_sharding, name="mapping")(kernel, train=train)
       q_tilde = lax.stop_gradient(quantizers.sign(kernel))
       if not self.is_initializing():  # init must not leave stale pairs in the variables
         self.sow(LNS_COLLECTION, "pairs", (q_hat, q_tilde))

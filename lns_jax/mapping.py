@@ -82,6 +82,11 @@ class MappingNet(nn.Module):
   start: str = "random"  # config.mapping.init; `init` is taken by nn.Module.init
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
+  # A NamedSharding over a 1-D device mesh: each device maps 1/N of the layer's filters
+  # (the filter axis is f_theta's batch axis), BatchNorm statistics are reduced across
+  # devices, and q_hat is gathered whole for the conv. A layer whose filter count N
+  # does not divide stays replicated. None: no constraint (one device, or replicated).
+  filter_sharding: Any = None
 
   @nn.compact
   def __call__(self, kernel: Array, train: bool = True) -> Array:
@@ -99,6 +104,9 @@ class MappingNet(nn.Module):
                              dtype=self.dtype)
     norm = functools.partial(FilterNorm, momentum=self.bn_momentum, dtype=self.dtype)
     x = kernel_to_images(kernel)
+    split = self.filter_sharding is not None and x.shape[0] % self.filter_sharding.mesh.size == 0
+    if split:
+      x = jax.lax.with_sharding_constraint(x, self.filter_sharding)
     x = nn.relu(norm(name="bn1")(conv(2 * c, use_bias=False, name="conv1")(x), train))
     x = nn.relu(norm(name="bn2")(conv(2 * c, use_bias=False, name="conv2")(x), train))
     if self.start == "sign":
@@ -109,6 +117,9 @@ class MappingNet(nn.Module):
       x = conv(c, use_bias=True, name="conv3")(x)
     if self.output == "tanh":
       x = jnp.tanh(x)
+    if split:  # the whole q_hat on every device, for the conv and the auxiliary loss
+      x = jax.lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(self.filter_sharding.mesh, jax.sharding.PartitionSpec()))
     return images_to_kernel(x).astype(kernel.dtype)
 
 

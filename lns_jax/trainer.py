@@ -83,14 +83,22 @@ class TrainState:
 # ----------------------------------------------------------------------------- model
 
 
-def build_model(config, stage: str, num_classes: int):
-  """The model a stage trains (``STAGE_WEIGHTS``), or ``'float'`` etc. by name."""
+def build_model(config, stage: str, num_classes: int, mesh=None):
+  """The model a stage trains (``STAGE_WEIGHTS``), or ``'float'`` etc. by name.
+
+  With a ``mesh`` of several devices and ``config.mapping.shard``, each device computes
+  f_theta for its share of every layer's filters (``MappingNet.filter_sharding``).
+  """
   weights = config_lib.STAGE_WEIGHTS.get(stage, stage)
+  sharding = None
+  if mesh is not None and mesh.size > 1 and config.mapping.shard:
+    sharding = parallel.batch_sharding(mesh)
   return get_model(config.model.name, num_classes=num_classes, weight_binarizer=weights,
                    input_binarizer=config.model.input_binarizer,
                    weight_scale=config.model.weight_scale, clip=config.model.clip,
                    mapping_output=config.mapping.output, mapping_clip=config.mapping.clip,
-                   mapping_ste=config.mapping.ste, mapping_init=config.mapping.init)
+                   mapping_ste=config.mapping.ste, mapping_init=config.mapping.init,
+                   mapping_sharding=sharding)
 
 
 def binary_layers(model: nn.Module, image_shape) -> Dict[Tuple[str, ...], str]:
@@ -501,7 +509,7 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
   info = ctx.info
   spe = data_lib.steps_per_epoch(config)
   total_steps = max(1, int(round(stage_cfg.epochs * spe)))
-  model = build_model(config, stage, info.num_classes)
+  model = build_model(config, stage, info.num_classes, mesh)
   layers = binary_layers(model, info.image_shape)
   schedule = learning_rate_schedule(stage_cfg, spe)
   tx = make_optimizer(config, stage, schedule)

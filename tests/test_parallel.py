@@ -4,8 +4,11 @@ One jitted LNS train step (``lns`` weights, the Eq. 21 objective; built by
 ``trainer.make_train_step`` and jitted by ``parallel.jit_data_parallel``, exactly as
 the trainer does) runs a few steps on the same global batches of real Fashion-MNIST
 images, once on 1 device and once on 8. The results must agree: gradients and
-BatchNorm statistics are those of the global batch. The model is a two-block ResNet
-(4 channels, one downsampling block) so that the two compiles fit the time budget.
+BatchNorm statistics are those of the global batch. On 8 devices the mapping networks
+are split over the devices by filters (``MappingNet.filter_sharding``): the layer with
+8 filters maps one filter per device, the layers with 4 (not a multiple of 8) stay
+replicated. The model is a two-block ResNet (4 channels, one downsampling block) so
+that the two compiles fit the time budget.
 """
 
 import functools
@@ -28,11 +31,13 @@ STEPS = 3
 NUM_DEVICES = 8
 
 
-def _model(config):
+def _model(config, mesh=None):
+  sharding = parallel.batch_sharding(mesh) if mesh is not None and mesh.size > 1 else None
   return ResNetCifar(num_classes=10, stage_sizes=(1, 1), width=4, weight_binarizer="lns",
                      input_binarizer=config.model.input_binarizer,
                      weight_scale=config.model.weight_scale, clip=config.model.clip,
-                     mapping_output=config.mapping.output, mapping_clip=config.mapping.clip)
+                     mapping_output=config.mapping.output, mapping_clip=config.mapping.clip,
+                     mapping_ste=config.mapping.ste, mapping_sharding=sharding)
 
 
 def _initial_state(model, tx, layers, image_shape):
@@ -51,8 +56,9 @@ def _initial_state(model, tx, layers, image_shape):
   return jax.device_get(compiled())
 
 
-def _run(devices, step_fn, state0, batches):
+def _run(devices, make_step, state0, batches):
   mesh = parallel.make_mesh(devices)
+  step_fn = make_step(mesh)
   state = jax.device_put(state0, parallel.replicated(mesh))  # a fresh copy (it is donated)
   global_batches = [parallel.shard_batch(b, mesh) for b in batches]
   step = parallel.jit_data_parallel(step_fn, mesh, compiler_options=trainer.compiler_options())
@@ -79,13 +85,14 @@ def runs():
   spe = data_lib.steps_per_epoch(config)
   schedule = trainer.learning_rate_schedule(config[STAGE], spe)
   tx = trainer.make_optimizer(config, STAGE, schedule)
-  step_fn = trainer.make_train_step(model, tx, config, STAGE, layers, schedule)
+  make_step = lambda mesh: trainer.make_train_step(  # noqa: E731
+      _model(config, mesh), tx, config, STAGE, layers, schedule)
   batches = list(data_lib.train_iterator(config, epoch=0))[:STEPS]
   state0 = _initial_state(model, tx, layers, info.image_shape)
   kernels = {path: trainer._subtree(state0.params, path)["kernel"].shape for path in layers}
   return {"config": config, "layers": layers, "kernels": kernels, "params0": state0.params,
-          "one": _run(jax.devices()[:1], step_fn, state0, batches),
-          "all": _run(jax.devices(), step_fn, state0, batches)}
+          "one": _run(jax.devices()[:1], make_step, state0, batches),
+          "all": _run(jax.devices(), make_step, state0, batches)}
 
 
 def test_eight_devices_compute_what_one_device_computes(runs):
@@ -93,7 +100,7 @@ def test_eight_devices_compute_what_one_device_computes(runs):
   # pytest-xdist would rebuild a module fixture on every worker it sends a test to.
   _check_same_params_and_metrics(runs)
   _check_batch_split_state_replicated_and_donated(runs)
-  _check_mapping_runs_once_per_device_on_the_whole_kernel(runs)
+  _check_mapping_split_over_devices_by_filters(runs)
 
 
 def _check_same_params_and_metrics(runs):
@@ -144,15 +151,20 @@ def _mapping_convs(hlo: str) -> Counter:
   return shapes
 
 
-def _check_mapping_runs_once_per_device_on_the_whole_kernel(runs):
+def _check_mapping_split_over_devices_by_filters(runs):
   one, many = _mapping_convs(runs["one"]["hlo"]), _mapping_convs(runs["all"]["hlo"])
   assert one, "no mapping-network convolution found in the compiled step"
-  # The 8-device program (per-device shapes after partitioning) holds the same mapping
-  # convolutions, with the same shapes, as the 1-device one: not split over devices.
-  assert many == one
   for path, (kh, kw, c, n) in runs["kernels"].items():
-    # f_theta's first conv maps all n filters (k x k x c images) to 2c channels.
-    assert many[(n, kh, kw, 2 * c)] >= 1, (path, (n, kh, kw, 2 * c), sorted(many))
+    # f_theta's first conv maps the n filters (k x k x c images) to 2c channels: all n
+    # on one device; n / 8 per device when n divides, all n (replicated) otherwise.
+    assert one[(n, kh, kw, 2 * c)] >= 1, (path, sorted(one))
+    per_device = n // NUM_DEVICES if n % NUM_DEVICES == 0 else n
+    assert many[(per_device, kh, kw, 2 * c)] >= 1, (path, (per_device, kh, kw, 2 * c),
+                                                     sorted(many))
+  assert {k[3] for k in runs["kernels"].values()} == {4, 8}  # both cases are exercised
+  assert many != one
+  # BatchNorm of the split layer reduces its filter statistics across devices.
+  assert "all-reduce" in runs["all"]["hlo"]
   # And the network itself is split: its first conv sees 32 / 8 images per device.
   per_device = runs["config"].batch_size // NUM_DEVICES
   assert re.search(rf"f32\[{per_device},28,28,4\]\{{[^}}]*\}} convolution\(", runs["all"]["hlo"])
