@@ -6,9 +6,11 @@ statistics are those of the global batch: the same numbers as one device with th
 same global batch. This is JAX's current replacement for ``pmap``.
 
 The mapping networks f_theta (Eq. 4) take the latent kernels, which are replicated,
-as their input: XLA's partitioner keeps that computation replicated, so every device
-maps each layer once per step, on the whole kernel, whatever its share of the batch
-(``tests/test_parallel.py`` checks this on the compiled program).
+as their input. Left alone, XLA would keep that work replicated (every device mapping
+every whole kernel); the trainer instead splits it by filters over the ``data`` axis
+(``MappingNet.filter_sharding``, ``config.mapping.shard``): each device maps 1/N of a
+layer's filters and ``q_hat`` is gathered (``tests/test_parallel.py`` checks this on the
+compiled program).
 
 Several processes (hosts): :func:`initialize_distributed` calls
 ``jax.distributed.initialize``; then ``jax.devices()`` lists every device of every
