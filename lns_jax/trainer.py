@@ -552,6 +552,10 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
     state, meta, step = restored
     ctx.writer.enabled and print(f"[{stage}] resuming from step {step} "
                                  f"(epoch {meta['epoch']}, batch {meta['batch']}).")
+  elif ctx.writer.enabled:
+    print(f"[{stage}] {stage_cfg.epochs:g} epochs = {total_steps} steps of batch "
+          f"{config.batch_size} ({config_lib.STAGE_WEIGHTS[stage]} weights); compiling, then a "
+          f"line per epoch.", flush=True)
   step = int(state.step)
   best_top1 = -1.0
   if best.best_step() is not None:
