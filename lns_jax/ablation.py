@@ -276,16 +276,32 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
   ``stop_at=(variant, seed, stage, step)`` interrupts one run as a preemption would
   (tests). Returns ``{'interrupted': True, ...}`` when a run was stopped.
   """
+  from lns_jax import checkpoint as ckpt_lib
   from lns_jax import config as config_lib
   from lns_jax import parallel, trainer
 
   root = os.path.abspath(os.path.expanduser(workdir))
   runs = plan(config, seeds, alphas, rhos)
-  os.makedirs(root, exist_ok=True)
   base_dir = os.path.join(root, BASELINE)
+  baseline_final = baseline or os.path.join(base_dir, "pretrain", "final")
+  # Every config is checked, and the baseline found, before anything is written.
+  num_devices = parallel.make_mesh().size
+  bcfg = baseline_config(config)
+  config_lib.validate(bcfg, num_devices=num_devices)
+  for cfg_check in {r.variant: run_config(config, r, baseline_final) for r in runs}.values():
+    config_lib.validate(cfg_check, num_devices=num_devices)
+  if baseline:
+    try:
+      ckpt_lib.load_variables(baseline)
+    except ckpt_lib.CheckpointMismatchError:
+      raise AblationError(
+          f"--baseline={baseline}: no readable checkpoint there; give the pretrain stage "
+          f"folder of a finished run (e.g. DIR/baseline/pretrain) or its final/ folder.") from None
+  else:
+    check_baseline_dir(bcfg, base_dir)
+  os.makedirs(root, exist_ok=True)
   t0, done_cost = time.time(), 0.0
   costs = {r: _run_cost(config, r) for r in runs}
-  total = sum(costs.values()) + (0 if baseline else float(config.pretrain.epochs))
 
   def eta() -> str:
     left = sum(c for r, c in costs.items() if not _finished(r.workdir(root), r.stages))
@@ -295,22 +311,13 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
       return "ETA after the first run"
     return f"ETA {_duration((time.time() - t0) / done_cost * left)}"
 
-  if baseline:
-    baseline_final = baseline
-  else:
-    bcfg = baseline_config(config)
-    config_lib.validate(bcfg, num_devices=parallel.make_mesh().size)
-    check_baseline_dir(bcfg, base_dir)
-    if not _finished(base_dir, "pretrain"):
-      log(f"[ablation] run 0/{len(runs)}: baseline (pretrain, {config.pretrain.epochs:g} epochs) "
-          f"in {base_dir}; {eta()}")
-      res = trainer.train(bcfg, base_dir, stop_at=_stop(stop_at, BASELINE, None))
-      if any(r.get("interrupted") for r in res.values()):
-        return {"interrupted": True, "run": BASELINE, "signal": _signal(res)}
-      done_cost += float(config.pretrain.epochs)
-    baseline_final = os.path.join(base_dir, "pretrain", "final")
-  for cfg_check in {r.variant: run_config(config, r, baseline_final) for r in runs}.values():
-    config_lib.validate(cfg_check, num_devices=parallel.make_mesh().size)
+  if not baseline and not _finished(base_dir, "pretrain"):
+    log(f"[ablation] run 0/{len(runs)}: baseline (pretrain, {config.pretrain.epochs:g} epochs) "
+        f"in {base_dir}; {eta()}")
+    res = trainer.train(bcfg, base_dir, stop_at=_stop(stop_at, BASELINE, None))
+    if any(r.get("interrupted") for r in res.values()):
+      return {"interrupted": True, "run": BASELINE, "signal": _signal(res)}
+    done_cost += float(config.pretrain.epochs)
 
   extra = {"config_arg": config_arg, "seeds": seeds, "baseline_checkpoint": baseline_final}
   for i, run in enumerate(runs, 1):

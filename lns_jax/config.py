@@ -136,6 +136,23 @@ def parse_args(arg: str, allowed, config_file: str) -> set:
   return args
 
 
+def from_saved_json(text: str) -> ml_collections.ConfigDict:
+  """A run's saved config (``config.json``, a checkpoint's or an export's), with the
+  defaults of fields added since it was saved, so older runs still load."""
+  import json
+
+  def fill(saved: dict, defaults: ml_collections.ConfigDict) -> dict:
+    for key in defaults.keys():
+      if key not in saved:
+        value = defaults[key]
+        saved[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+      elif isinstance(defaults[key], ml_collections.ConfigDict) and isinstance(saved[key], dict):
+        fill(saved[key], defaults[key])
+    return saved
+
+  return ml_collections.ConfigDict(fill(json.loads(text), base_config()))
+
+
 def stage_names(config) -> list:
   return [s.strip() for s in str(config.stages).split(",") if s.strip()]
 

@@ -134,7 +134,7 @@ def _final_step_dir(workdir: str, stage: str) -> Optional[str]:
 
 def load_stage(workdir: str, stage: str):
   """``(config, variables, meta, step_dir)`` of a finished stage, read only."""
-  import ml_collections
+  from lns_jax import config as config_lib
   from lns_jax import checkpoint as ckpt_lib
   step_dir = _final_step_dir(workdir, stage)
   if step_dir is None:
@@ -154,7 +154,7 @@ def load_stage(workdir: str, stage: str):
   if config_json is None:
     raise ExportError(f"{step_dir} has no config (meta) and {workdir} has no config.json; "
                       f"cannot tell which model it holds.")
-  config = ml_collections.ConfigDict(json.loads(config_json))
+  config = config_lib.from_saved_json(config_json)
   try:
     with warnings.catch_warnings():  # orbax: "Sharding info not provided" (we want host arrays)
       warnings.filterwarnings("ignore", message="Sharding info not provided")

@@ -60,8 +60,8 @@ class InferenceModel:
 
   def config(self):
     """The training run's config stored in the export (for evaluation)."""
-    import ml_collections
-    return ml_collections.ConfigDict(json.loads(self.header["config"]))
+    from lns_jax import config as config_lib
+    return config_lib.from_saved_json(self.header["config"])
 
 
 def check_config(header: dict, config, path: str = "the export") -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Dict, List
 
 import matplotlib
@@ -197,7 +198,8 @@ def main(argv=None):
   try:
     paths = plot(workdirs, args.out or workdirs[0])
   except FileNotFoundError as e:
-    raise SystemExit(f"error: {e}")
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   for path in paths:
     print(path)
 

@@ -133,6 +133,7 @@ def test_reused_baseline_dir_from_another_config_is_refused(tmp_path):
     (["--alphas=0,x"], "--alphas"),
     (["--rhos=-1"], "--rhos"),
     (["--config.rho=0.7"], "config.rho"),
+    (["--baseline=/nonexistent/pretrain"], "--baseline=/nonexistent/pretrain: no readable"),
 ])
 def test_cli_bad_input_one_line(tmp_path, flags, expect):
   cmd = [sys.executable, "-m", "lns_jax.ablation",
@@ -142,4 +143,11 @@ def test_cli_bad_input_one_line(tmp_path, flags, expect):
   assert p.returncode == 2, p.stderr
   err = [line for line in p.stderr.splitlines() if line.strip()]
   assert "Traceback" not in p.stderr
-  assert any(expect in line for line in err), p.stderr
+  assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], p.stderr
+  assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_plots_cli_bad_workdir_is_one_line_exit_2(tmp_path):
+  p = subprocess.run([sys.executable, "-m", "lns_jax.plots", f"--workdir={tmp_path / 'none'}"],
+                     capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "metrics.jsonl" in p.stderr

@@ -115,3 +115,15 @@ def test_input_too_small_for_the_model_is_a_config_error(tmp_path):
   from lns_jax import data
   with pytest.raises(config_lib.ConfigError, match="config.data.image_size"):
     trainer._check_input_shape(c, data.get_info(c))
+
+
+def test_saved_config_from_an_older_version_gets_the_new_fields_defaults():
+  import json
+  saved = json.loads(smoke_config().to_json_best_effort())
+  del saved["mapping"]["init"], saved["mapping"]["shard"], saved["pretrain"]["optimizer"]
+  saved["alpha"] = 0.25
+  c = config_lib.from_saved_json(json.dumps(saved))
+  assert c.mapping.init == "random" and c.mapping.shard is True
+  assert c.pretrain.optimizer == "" and c.alpha == 0.25
+  assert c.model.name == "resnet_tiny"  # saved values are kept
+  config_lib.validate(c)
