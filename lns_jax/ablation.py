@@ -104,8 +104,9 @@ def check_baseline_dir(config, baseline_dir: str) -> None:
   path = os.path.join(baseline_dir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    saved = json.load(f)
+  from lns_jax import config as config_lib
+  with open(path) as f:  # fields added since it was saved take their defaults
+    saved = json.loads(config_lib.from_saved_json(f.read()).to_json_best_effort())
   now = json.loads(config.to_json_best_effort())
   for field in BASELINE_FIELDS:
     if field in saved and saved[field] != now.get(field):
