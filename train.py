@@ -44,8 +44,11 @@ def main(argv):
   del argv
   from lns_jax import cli
   cli.quiet_logging()
-  import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")
+  try:
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+  except ImportError:  # not installed: --config.data.loader=numpy runs without it
+    pass
   import jax
   from lns_jax import config as config_lib
   from lns_jax import parallel, trainer

@@ -12,6 +12,7 @@ pipeline's wait on real Fashion-MNIST, and the machine and versions.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import resource
@@ -88,11 +89,14 @@ def bench_step(config, stage, image_shape, num_classes, steps, warmup=2):
           "peak_mib": peak, "gflop": gflop}
 
 
-def input_wait(batch, steps):
-  """Runs the real Fashion-MNIST pipeline next to the ResNet-20 LNS step."""
+def input_wait(batch, steps, loader="tfds", local_dir=None):
+  """Runs the real Fashion-MNIST pipeline (``loader`` 'tfds' or 'numpy') next to the
+  ResNet-20 LNS step."""
   from lns_jax import data
   c = make_config("resnet20", None, 1, batch)
   c.data.name = "fashion_mnist"
+  c.data.loader = loader
+  c.data.local_dir = local_dir
   data.prepare(c)
   info = data.get_info(c)
   mesh = parallel.make_mesh()
@@ -137,6 +141,11 @@ def main():
   p.add_argument("--r18_size", type=int, default=224)
   p.add_argument("--skip_r18", action="store_true")
   p.add_argument("--skip_input", action="store_true")
+  p.add_argument("--loader", choices=("tfds", "numpy"), default=None,
+                 help="input pipeline of the input-wait row (config.data.loader); default "
+                      "'tfds', or 'numpy' where TensorFlow is not installed")
+  p.add_argument("--local_dir", default=None,
+                 help="folder of the four Fashion-MNIST idx .gz files (config.data.local_dir)")
   args = p.parse_args()
   dev = jax.devices()[0]
   r18_batch = args.r18_batch or (16 if dev.platform == "cpu" else 256)
@@ -168,8 +177,10 @@ def main():
             f"{r['gflop']:.1f} | {r['compile_s']:.1f} | {peak} | {ratio} |", flush=True)
   print(f"\nprocess peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
   if not args.skip_input:
-    wait, total = input_wait(args.r20_batch, 3 * args.steps)
-    print(f"\ninput pipeline (real Fashion-MNIST, ResNet-20 LNS step, batch {args.r20_batch}, "
+    loader = args.loader or ("tfds" if importlib.util.find_spec("tensorflow") else "numpy")
+    wait, total = input_wait(args.r20_batch, 3 * args.steps, loader, args.local_dir)
+    print(f"\ninput pipeline ({loader} loader, real Fashion-MNIST, ResNet-20 LNS step, "
+          f"batch {args.r20_batch}, "
           f"{3 * args.steps} steps): waited {1000 * wait:.1f} ms of {total:.1f} s "
           f"({100 * wait / total:.2f}% of the step time)")
 

@@ -27,7 +27,10 @@ def quiet_logging() -> None:
   quiet_environment()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  import tensorflow_datasets as tfds  # after quiet_environment(), if it is the first import
+  try:
+    import tensorflow_datasets as tfds  # after quiet_environment(), if it is the first import
+  except ImportError:  # not installed: config.data.loader='numpy' runs without it
+    return
   tfds.disable_progress_bar()
 
 

@@ -46,7 +46,7 @@ def stage_config(epochs=1.0, lr=0.1, schedule="piecewise", decay_epochs=(), deca
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field with its default (the CIFAR-10 ResNet-20 paper recipe, shrunk)."""
-  from lns_jax import data  # the data fields are owned by the input pipeline
+  from lns_jax import data_config  # the data fields, without TensorFlow (lns_jax.data_config)
 
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mapping.clip = 1.0               # 'clip_grad': bound on the gradient's value; 'window': |q_hat| <= clip
   c.mapping.shard = True             # several devices: each maps 1/N of every layer's filters
 
-  c.data = data.default_data_config()
+  c.data = data_config.default_data_config()
   c.batch_size = 128                 # global, over all devices and hosts (eval uses it too)
 
   c.optimizer = "sgd"
@@ -244,7 +244,7 @@ def _check_keys(config, reference, prefix="", root=None):
 
 def validate(config, num_devices: int = 1) -> None:
   """Checks every field; raises :class:`ConfigError` naming the first bad one."""
-  from lns_jax import loss, mapping, quantizers
+  from lns_jax import data_config, loss, mapping, quantizers
   from lns_jax.models import MODELS
 
   _check_keys(config, base_config())
@@ -268,6 +268,10 @@ def validate(config, num_devices: int = 1) -> None:
   _check_choice(config, "mapping.init", mapping.MAPPING_INITS)
   _check_choice(config, "mapping.shard", (True, False))
   _check_choice(config, "data.name", DATASETS)
+  try:  # configs written before config.data.loader existed read with TFDS
+    data_config.check_loader(config.data.name, config.data.get("loader", "tfds"))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   for name, low in (("train_examples", 1), ("eval_examples", 1), ("image_size", 1),
                     ("val_examples", 0), ("shuffle_buffer", 1), ("prefetch", 1)):
     if config.data.get(name) is not None:  # None: the dataset's own size

@@ -3,6 +3,14 @@
 Datasets: ``fashion_mnist``, ``mnist``, ``cifar10`` (the paper's CIFAR-10 recipe) and
 ``imagenet2012``.
 
+Two loaders, chosen by ``config.data.loader``: ``'tfds'`` (the default, described
+below, and the only one for ImageNet) and ``'numpy'`` (:mod:`lns_jax.data_numpy`: the
+original files read with NumPy, the split kept on the device, batches made there with
+jax.numpy; the same examples in the same order with the same augmentation, see that
+module for where they differ). The public functions here serve both. TensorFlow and
+TFDS are imported only when the TFDS loader is used, so this module, the trainer and
+the ``'numpy'`` loader run where TensorFlow is not installed.
+
 Offline design
 --------------
 Every dataset is the *stock* TFDS builder (its ``_info`` and ``_generate_examples``
@@ -45,29 +53,73 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import logging as pylogging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
+import types
 from typing import Iterator, Optional
 from unittest import mock
 
-import ml_collections
 import numpy as np
 
 from lns_jax.cli import quiet_environment
+from lns_jax.config import ConfigError
+from lns_jax.data_config import LOADERS, NUMPY_DATASETS, check_loader  # noqa: F401
+from lns_jax.data_config import default_data_config  # noqa: F401  (re-exported)
 
-quiet_environment()  # before TensorFlow's first import: no oneDNN / absl start-up lines
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
 
-# tf.data must never grab the accelerator; JAX owns it.
-try:
-  tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF already initialized its devices elsewhere
-  pass
+class LoaderUnavailableError(ConfigError, ImportError):
+  """``config.data.loader='tfds'`` where TensorFlow or TFDS is not installed."""
+
+
+class _LazyModule(types.ModuleType):
+  """``tensorflow`` / ``tensorflow_datasets``, imported at the first attribute access.
+
+  Importing this module never imports TensorFlow: only the TFDS loader does, when a
+  pipeline is actually built, so the model, the train step, the config and the
+  ``'numpy'`` loader (``lns_jax.data_numpy``) run where TensorFlow is not installed.
+  """
+
+  def __init__(self, name: str):
+    super().__init__(name)
+    self._module = None
+
+  def _load(self):
+    if self._module is None:
+      quiet_environment()  # before TensorFlow's first import: no oneDNN / absl start-up lines
+      try:
+        import tensorflow  # noqa: F401  pylint: disable=unused-import
+        module = importlib.import_module(self.__name__)
+      except ImportError as e:
+        raise LoaderUnavailableError(
+            f"config.data.loader: 'tfds' needs tensorflow and tensorflow-datasets ({e}); "
+            f"without them use --config.data.loader=numpy ({', '.join(NUMPY_DATASETS)}).") from e
+      _hide_gpus_from_tensorflow()
+      self._module = module
+    return self._module
+
+  def __getattr__(self, attr):
+    if attr.startswith("__"):
+      raise AttributeError(attr)
+    return getattr(self._load(), attr)
+
+
+def _hide_gpus_from_tensorflow():
+  """tf.data must never grab the accelerator; JAX owns it."""
+  import tensorflow
+  try:
+    tensorflow.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialized its devices elsewhere
+    pass
+
+
+tf = _LazyModule("tensorflow")
+tfds = _LazyModule("tensorflow_datasets")
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 _MNIST_FILES = (
@@ -126,23 +178,6 @@ _IMAGENET_DEFAULT_SIZE = 224
 _IMAGENET_CROP_FRACTION = 0.875
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-  """Defaults for ``config.data``; config files include and override this."""
-  c = ml_collections.ConfigDict()
-  c.name = "fashion_mnist"  # fashion_mnist | mnist | cifar10 | imagenet2012
-  c.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.local_dir = ml_collections.FieldReference(None, field_type=str)  # None: per-dataset default, see `local_dir`
-  c.image_size = ml_collections.FieldReference(None, field_type=int)  # None: native (224 for ImageNet)
-  c.val_examples = 0  # hold out the END of train as split "validation" (paper CIFAR-10: 10000)
-  c.train_examples = ml_collections.FieldReference(None, field_type=int)  # None: all; N: the first N
-  c.eval_examples = ml_collections.FieldReference(None, field_type=int)  # None: all; N: the first N
-  c.augment = True
-  c.cache = ml_collections.FieldReference(None, field_type=bool)  # None: in memory unless ImageNet
-  c.shuffle_buffer = 16_384  # streaming path only; the in-memory path permutes the whole shard
-  c.prefetch = 4  # batches
-  return c
-
-
 # ----------------------------------------------------------------------------
 # Config helpers.
 
@@ -180,6 +215,16 @@ def local_dir(config) -> str:
       "cifar10": manual,
       "imagenet2012": manual,
   }[cfg.name]
+
+
+def _loader(cfg) -> str:
+  """'tfds' or 'numpy' (configs from before ``config.data.loader`` read with TFDS)."""
+  loader = cfg.get("loader", "tfds")
+  try:
+    check_loader(cfg.name, loader)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return loader
 
 
 def _use_cache(cfg) -> bool:
@@ -235,7 +280,8 @@ def _required_files(cfg, ldir: str) -> list:
 
 def _not_found_message(cfg, ldir: str, missing: list) -> str:
   files = "\n".join(f"  {p}" for p in missing)
-  msg = f"Dataset {cfg.name!r} is not built and these files are missing:\n{files}\n"
+  state = "is not built and" if _loader(cfg) == "tfds" else "is read from its original files;"
+  msg = f"Dataset {cfg.name!r} {state} these files are missing:\n{files}\n"
   if cfg.name == "fashion_mnist":
     msg += ("Install them with `apt-get install dataset-fashion-mnist` (they go to "
             f"{FASHION_MNIST_DEBIAN_DIR}), or put the four original idx .gz files "
@@ -345,12 +391,18 @@ def prepare(config) -> None:
   """Builds the TFDS dataset from local files if it is not built yet.
 
   Safe to call repeatedly (a built dataset is detected and left alone). With several
-  processes sharing one ``data_dir``, call it on one process first.
+  processes sharing one ``data_dir``, call it on one process first. With
+  ``config.data.loader='numpy'`` nothing is built: the original files are checked and
+  read into memory (:func:`lns_jax.data_numpy.prepare`).
 
   Raises:
     DatasetNotFoundError: the dataset is not built and its local files are missing.
   """
   cfg = _data_cfg(config)
+  if _loader(cfg) == "numpy":
+    from lns_jax import data_numpy
+    data_numpy.prepare(config)
+    return
   builder = _builder(config)
   with _absl_filter(_NOT_BUILT_YET):  # expected here: that is what is_prepared() asks
     if builder.is_prepared():
@@ -428,6 +480,9 @@ def _split_sizes(config) -> tuple:
   """(train, test) sizes of the built dataset, or nominal sizes if not built."""
   cfg = _data_cfg(config)
   spec = _spec(cfg.name)
+  if _loader(cfg) == "numpy":
+    from lns_jax import data_numpy
+    return data_numpy.split_sizes(config)
   try:
     builder = _builder(config)
     splits = builder.info.splits
@@ -516,6 +571,36 @@ def _mix(z):
   z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, u(30))) * u(0xBF58476D1CE4E5B9)
   z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, u(27))) * u(0x94D049BB133111EB)
   return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, u(31)))
+
+
+def _mix_np(z: np.ndarray) -> np.ndarray:
+  """:func:`_mix` in NumPy (uint64 arithmetic wraps as in TF): the same bits, no TF."""
+  z = np.asarray(z, np.uint64)
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def example_bits_np(epoch_seed: int, index) -> np.ndarray:
+  """:func:`_example_bits` in NumPy: equal bits for equal (epoch_seed, index)."""
+  index = np.asarray(index, np.int64).astype(np.uint64)
+  return _mix_np(np.uint64(epoch_seed) ^ _mix_np(index))
+
+
+def crop_flip_np(name: str, epoch_seed: int, index) -> tuple:
+  """(row offset, column offset, flip) of each example's augmentation, int32 arrays.
+
+  The draws of :func:`_small_batch_fn` (pad + random crop + optional flip), computed
+  with NumPy, so both loaders augment example ``index`` of an epoch the same way.
+  """
+  spec = _spec(name)
+  bits = example_bits_np(epoch_seed, index)
+  k = np.uint64(2 * spec.pad + 1)
+  oy = (bits % k).astype(np.int32)
+  ox = ((bits >> np.uint64(16)) % k).astype(np.int32)
+  flip = (((bits >> np.uint64(32)) % np.uint64(2)).astype(np.int32) if spec.flip
+          else np.zeros(len(oy), np.int32))
+  return oy, ox, flip
 
 
 def _example_bits(epoch_seed: int, index):
@@ -643,8 +728,10 @@ def _load_in_memory(ddir: str, name: str, split: str):
 
 
 def clear_cache() -> None:
-  """Frees the datasets held in memory."""
+  """Frees the datasets held in memory (by either loader)."""
   _load_in_memory.cache_clear()
+  if "lns_jax.data_numpy" in sys.modules:
+    sys.modules["lns_jax.data_numpy"].clear_cache()
 
 
 def _in_memory_batches(config, tfds_split, a, b, index, mask, bs, batch_fn):
@@ -705,10 +792,15 @@ def train_iterator(config, *, epoch: int, start_step: int = 0,
   Yields exactly ``steps_per_epoch(config) - start_step`` dicts of NumPy arrays:
   ``image`` float32 (B, H, W, C), ``label`` int32 (B,), ``mask`` float32 (B,) of ones,
   with B = batch_size // process_count. Order and augmentation are functions of
-  ``(config.seed, epoch)`` only.
+  ``(config.seed, epoch)`` only. With ``config.data.loader='numpy'``: the same batches
+  (see lns_jax.data_numpy for where they differ) as jax.Arrays on this process's devices.
   """
-  prepare(config)
   cfg = _data_cfg(config)
+  if _loader(cfg) == "numpy":
+    from lns_jax import data_numpy
+    return data_numpy.train_iterator(config, epoch=epoch, start_step=start_step,
+                                     process_index=process_index, process_count=process_count)
+  prepare(config)
   pi, pc = _process(process_index, process_count)
   bs = _local_batch(config, pc)
   steps = steps_per_epoch(config, process_count=pc)
@@ -744,10 +836,14 @@ def eval_iterator(config, split: str = "test", *,
 
   This process's contiguous shard, un-augmented, in ``eval_steps(config, split)``
   batches of batch_size // process_count; padding examples have ``mask`` 0 (and
-  zero images, label 0).
+  zero images, label 0). ``config.data.loader='numpy'``: the same, as jax.Arrays.
   """
-  prepare(config)
   cfg = _data_cfg(config)
+  if _loader(cfg) == "numpy":
+    from lns_jax import data_numpy
+    return data_numpy.eval_iterator(config, split, process_index=process_index,
+                                    process_count=process_count)
+  prepare(config)
   pi, pc = _process(process_index, process_count)
   bs = _local_batch(config, pc)
   tfds_split, start, stop = _eval_split(config, split)

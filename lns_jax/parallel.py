@@ -53,19 +53,24 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
   """Turns this process's part of the global batch into global arrays sharded on 'data'.
 
   Each process passes its own ``batch_size // process_count`` examples (what
-  ``lns_jax.data`` yields); nothing is exchanged between processes.
+  ``lns_jax.data`` yields); nothing is exchanged between processes. With one process,
+  batches that are already on the devices (``jax.Array``, the ``'numpy'`` loader's)
+  stay there: at most a device-to-device copy, a no-op when already so laid out.
   """
   sharding = batch_sharding(mesh)
   local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  on_device = jax.process_count() == 1
   out = {}
   for k, v in batch.items():
-    v = np.asarray(v)
+    if not (on_device and isinstance(v, jax.Array)):
+      v = np.asarray(v)
     if v.ndim == 0 or v.shape[0] % max(local, 1):
       raise ValueError(
           f"shard_batch: {k!r} has shape {v.shape}; its leading (batch) axis must be a "
           f"multiple of this process's {local} devices (config.batch_size must be a "
           f"multiple of the device count).")
-    out[k] = jax.make_array_from_process_local_data(sharding, v)
+    out[k] = (jax.device_put(v, sharding) if isinstance(v, jax.Array)
+              else jax.make_array_from_process_local_data(sharding, v))
   return out
 
 
