@@ -278,10 +278,12 @@ def _expected(args):
   for a in args:
     m = re.match(r"^--config\.([\w.]+)=(.*)$", a)
     if m:
+      text = m.group(2)
       try:
-        value = ast.literal_eval(m.group(2))
+        value = ast.literal_eval(text)
       except (ValueError, SyntaxError):
-        value = m.group(2)
+        # absl's boolean spellings, as ml_collections parses them for bool fields
+        value = {"true": True, "false": False}.get(text.lower(), text)
       out[m.group(1)] = list(value) if isinstance(value, tuple) else value
   return out
 
