@@ -553,7 +553,8 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
     ctx.writer.enabled and print(f"[{stage}] resuming from step {step} "
                                  f"(epoch {meta['epoch']}, batch {meta['batch']}).")
   elif ctx.writer.enabled:
-    print(f"[{stage}] {stage_cfg.epochs:g} epochs = {total_steps} steps of batch "
+    print(f"[{stage}] {stage_cfg.epochs:g} epoch{'' if stage_cfg.epochs == 1 else 's'} = "
+          f"{total_steps} steps of batch "
           f"{config.batch_size} ({config_lib.STAGE_WEIGHTS[stage]} weights); compiling, then a "
           f"line per epoch.", flush=True)
   step = int(state.step)

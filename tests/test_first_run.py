@@ -102,6 +102,7 @@ def test_first_screen_of_a_run_is_readable(tmp_path):
   assert lines[0].startswith("building Fashion-MNIST from the local files in "), lines[:3]
   assert re.match(r"built Fashion-MNIST \(60,000 train, 10,000 test\) in \d+ s$", lines[1]), \
       lines[:3]
-  assert lines[2].startswith("[pretrain] epoch 1 step 4/4: train ce"), lines[:3]
+  assert lines[2].startswith("[pretrain] 1 epoch = 4 steps of batch 32"), lines[:4]
+  assert lines[3].startswith("[pretrain] epoch 1 step 4/4: train ce"), lines[:4]
   assert not [l for l in lines if re.match(r"^(WARNING|[IWE]\d{4} )", l)], lines
   assert (data_dir / "fashion_mnist").is_dir()
