@@ -140,8 +140,12 @@ def ablation_figures(root: str, runs, results: dict) -> List[str]:
           series.append((xs, ys))
       x, m, sd = _mean_band(series)
       if len(x):
-        ax.plot(x, m, label=f"{label} ({len(series)} seeds)", marker="." if len(x) < 30 else None)
+        seeds = f"{len(series)} seed{'s' if len(series) > 1 else ''}"
+        ax.plot(x, m, label=f"{label} ({seeds})", marker="." if len(x) < 30 else None)
         ax.fill_between(x, m - sd, m + sd, alpha=0.2)
+    if key == "test_top1" and results.get("baseline"):
+      ax.axhline(results["baseline"]["test_top1"], color="gray", linestyle="--",
+                 label="pretrained baseline")
     ax.set_title(title)
     ax.set_xlabel("epoch of fine-tuning")
     ax.set_ylabel(ylabel)
