@@ -12,6 +12,14 @@ from lns_jax import ablation
 from lns_testutil import ROOT, smoke_config
 
 
+# _config() as command-line flags.
+SMOKE_FLAGS = ["--config=" + os.path.join(ROOT, "configs", "fashion_mnist_r20.py") + ":smoke,val",
+               "--config.data.val_examples=32", "--config.data.train_examples=64",
+               "--config.data.eval_examples=64", "--config.pretrain.epochs=1",
+               "--config.warmup.epochs=1", "--config.lns.epochs=1", "--config.log_every_steps=2",
+               "--config.checkpoint_every_steps=3"]
+
+
 def _config():
   c = smoke_config(data__val_examples=32)
   c.data.train_examples = 64  # 2 steps an epoch at batch 32
@@ -83,11 +91,17 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
   assert (tmp_path / "abl" / "fig3.png").stat().st_size > 1000
   assert "fig3.png" in md
 
-  # --baseline reuses a pretrained baseline: no pretraining, its result in the table.
-  other = str(tmp_path / "abl2")
-  reused = ablation.run_ablation(config, other, seeds=1, log=logs.append,
-                                 baseline=os.path.join(root, "baseline", "pretrain", "final"))
-  assert not os.path.exists(os.path.join(other, "baseline"))
+  # The README's second command, typed (smoke size): --baseline reuses a pretrained
+  # baseline (a stage folder), no pretraining, its result in the table.
+  other = tmp_path / "abl2"
+  cmd = [sys.executable, "-m", "lns_jax.ablation", *SMOKE_FLAGS, f"--workdir={other}",
+         "--seeds=1", "--baseline=" + os.path.join(root, "baseline", "pretrain")]
+  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                     env=dict(os.environ, LNS_FAST_COMPILE="1"))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "[ablation] run 3/3: lns seed 0" in p.stdout and "| lns | 1 |" in p.stdout, p.stdout
+  reused = json.loads((other / "ablation.json").read_text())
+  assert not (other / "baseline").exists()
   assert reused["baseline"] == saved["baseline"]
   assert [len(v) for v in reused["variants"].values()] == [1, 1, 1]
 
