@@ -93,8 +93,12 @@ def _panel(ax, runs, key, title, ylabel, several):
                   label=f"{label} (vs. start)")
       xs_all = [x for k in d for x in d[k][0]]
       offset += max(xs_all, default=0.0)
+  _dress(ax, title, "epoch (stages one after another)", ylabel)
+
+
+def _dress(ax, title, xlabel, ylabel):
   ax.set_title(title)
-  ax.set_xlabel("epoch (stages one after another)")
+  ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
   if ax.has_data():
@@ -146,12 +150,7 @@ def ablation_figures(root: str, runs, results: dict) -> List[str]:
     if key == "test_top1" and results.get("baseline"):
       ax.axhline(results["baseline"]["test_top1"], color="gray", linestyle="--",
                  label="pretrained baseline")
-    ax.set_title(title)
-    ax.set_xlabel("epoch of fine-tuning")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if ax.has_data():
-      ax.legend(fontsize=8)
+    _dress(ax, title, "epoch of fine-tuning", ylabel)
   fig.tight_layout()
   path = os.path.join(root, "fig3.png")
   fig.savefig(path, dpi=110)

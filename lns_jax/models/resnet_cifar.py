@@ -42,18 +42,29 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(BinaryNet):
-  """ResNet-(6n+2) for 32x32 (or 28x28) inputs; ``stage_sizes=(3, 3, 3)`` is ResNet-20."""
+  """ResNet-(6n+2) for 32x32 (or 28x28) inputs; ``stage_sizes=(3, 3, 3)`` is ResNet-20.
+
+  ``imagenet_stem``: a 7x7 stride-2 stem and a 3x3 stride-2 max-pool instead of the 3x3
+  stem, for 224x224 inputs (the DoReFa ResNet-18 of Table 4, ``models/resnet_imagenet.py``).
+  """
   num_classes: int = 10
   stage_sizes: Sequence[int] = (3, 3, 3)
   width: int = 16
+  imagenet_stem: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv, fp_conv, norm = self.binary_conv(), self.fp_conv(), self.batch_norm(train)
-    x = fp_conv(self.width, (3, 3), name="conv_init")(x)
+    if self.imagenet_stem:
+      x = fp_conv(self.width, (7, 7), strides=(2, 2), padding=[(3, 3), (3, 3)],
+                  name="conv_init")(x)
+    else:
+      x = fp_conv(self.width, (3, 3), name="conv_init")(x)
     # No ReLU before the first binary conv: with sign(0) = +1, sign(relu(.)) is +1
     # everywhere and that conv would see a constant input (as in Bi-Real Net's stem).
     x = norm(name="bn_init")(x)
+    if self.imagenet_stem:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lns_jax.models.common import BinaryNet
-from lns_jax.models.resnet_cifar import BasicBlock
+from lns_jax.models.resnet_cifar import ResNetCifar
 
 ModuleDef = Any
 
@@ -81,32 +81,9 @@ ResNet18 = functools.partial(BiRealResNet, stage_sizes=(2, 2, 2, 2), width=64)
 ResNet18Tiny = functools.partial(BiRealResNet, stage_sizes=(1, 1, 1, 1), width=4)
 
 
-class DoReFaResNet(BinaryNet):
-  """The DoReFa binary ResNet-18 of Table 4 (baseline 52.5%): standard basic blocks
-  (two binary convs, one shortcut), sign activations with the clipped STE, layer-wise
-  weight scale; full-precision 7x7 stem, 1x1 downsample shortcuts and classifier."""
-  num_classes: int = 1000
-  stage_sizes: Sequence[int] = (2, 2, 2, 2)
-  width: int = 64
-  input_binarizer: str = "ste_sign"
-  weight_scale: str = "layer"
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    conv, fp_conv, norm = self.binary_conv(), self.fp_conv(), self.batch_norm(train)
-    x = fp_conv(self.width, (7, 7), strides=(2, 2), padding=[(3, 3), (3, 3)],
-                name="conv_init")(x)
-    x = norm(name="bn_init")(x)  # no ReLU before a sign (see BiRealResNet)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-    for i, n_blocks in enumerate(self.stage_sizes):
-      for j in range(n_blocks):
-        strides = 2 if i > 0 and j == 0 else 1
-        x = BasicBlock(self.width * 2**i, strides, conv=conv, norm=norm, fp_conv=fp_conv,
-                       name=f"stage{i + 1}_block{j + 1}")(x, train)
-    x = nn.relu(x)
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
-
-
+# The DoReFa binary ResNet-18 of Table 4 (baseline 52.5%): the basic-block ResNet of
+# ResNet-20 (two binary convs a block, clipped-STE sign activations, layer-wise scale,
+# full-precision 1x1 downsample shortcuts and classifier) with the ImageNet 7x7 stem.
+DoReFaResNet = functools.partial(ResNetCifar, imagenet_stem=True, num_classes=1000)
 ResNet18DoReFa = functools.partial(DoReFaResNet, stage_sizes=(2, 2, 2, 2), width=64)
 ResNet18DoReFaTiny = functools.partial(DoReFaResNet, stage_sizes=(1, 1, 1, 1), width=4)
