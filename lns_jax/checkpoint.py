@@ -20,9 +20,16 @@ import logging
 import os
 from typing import Any, Optional, Tuple
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from lns_jax import parallel
+from lns_jax import workdir as workdir_lib
+from lns_jax.binary import is_mapping
 
 
 class CheckpointMismatchError(ValueError):
@@ -42,7 +49,7 @@ def manager(directory: str, keep: Optional[int] = None, best: bool = False,
       enable_async_checkpointing=False,
   )
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=("state", "meta"))
+                               item_names=(workdir_lib.STATE, workdir_lib.META))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
@@ -76,22 +83,20 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any):
       damaged.append(step)
       logging.warning("Checkpoint %s/%d is damaged and was skipped (%s); trying the "
                       "previous one.", mngr.directory, step, reason)
-      if jax.process_index() == 0:
+      if parallel.is_main_process():
         print(f"warning: checkpoint {mngr.directory}/{step} is damaged and was skipped "
               f"({reason}).", flush=True)
   else:
     state = None
   # Move damaged steps aside (never delete: they may matter to someone), so that
   # saving that step again later does not collide with them.
-  if damaged and jax.process_index() == 0:
+  if damaged and parallel.is_main_process():
     for bad in damaged:
       src = os.path.join(str(mngr.directory), str(bad))
       if os.path.isdir(src):
         os.rename(src, os.path.join(str(mngr.directory), f"damaged-{bad}-{os.getpid()}"))
   if damaged:
-    if jax.process_count() > 1:  # every process must see the renames before reloading
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("lns_jax.checkpoint.restore_latest")
+    parallel.sync("lns_jax.checkpoint.restore_latest")  # every process sees the renames
     mngr.reload()
   if state is None:
     return None
@@ -119,16 +124,16 @@ def load_variables(path: str) -> dict:
   """
   path = os.path.abspath(os.path.expanduser(path))
   candidates = [path]
-  for sub in ("final", "checkpoints"):
+  for sub in (workdir_lib.FINAL, workdir_lib.CHECKPOINTS):
     if os.path.isdir(os.path.join(path, sub)):
       candidates.insert(0, os.path.join(path, sub))
   for cand in candidates:
-    if os.path.isdir(os.path.join(cand, "state")):
-      state_dir = os.path.join(cand, "state")
+    if os.path.isdir(os.path.join(cand, workdir_lib.STATE)):
+      state_dir = os.path.join(cand, workdir_lib.STATE)
       break
     steps = [d for d in os.listdir(cand) if d.isdigit()] if os.path.isdir(cand) else []
     if steps:
-      state_dir = os.path.join(cand, max(steps, key=int), "state")
+      state_dir = os.path.join(cand, max(steps, key=int), workdir_lib.STATE)
       break
   else:
     raise CheckpointMismatchError(
@@ -143,3 +148,41 @@ def load_variables(path: str) -> dict:
   if not isinstance(tree, dict) or "params" not in tree:
     raise CheckpointMismatchError(f"config.init_from={path!r}: {state_dir} holds no params.")
   return {"params": tree["params"], "batch_stats": tree.get("batch_stats", {})}
+
+
+def load_meta(step_dir: str) -> dict:
+  """The JSON ``meta`` item of a checkpoint step folder (``{}`` if it has none)."""
+  from etils import epath
+  meta_dir = os.path.join(step_dir, workdir_lib.META)
+  if not os.path.isdir(meta_dir):
+    return {}
+  return dict(ocp.JsonCheckpointHandler().restore(epath.Path(meta_dir)))
+
+
+def merge_variables(target: dict, source: dict, what: str) -> dict:
+  """Copies ``source`` leaves into ``target`` (a fresh init of the stage's model).
+
+  Leaves only in ``target`` must be mapping networks (new in 'warmup'/'lns'); anything
+  else missing, extra or of another shape is a :class:`CheckpointMismatchError`.
+  """
+  flat_t = traverse_util.flatten_dict(flax.core.unfreeze(target))
+  flat_s = traverse_util.flatten_dict(flax.core.unfreeze(source))
+  extra = [k for k in flat_s if k not in flat_t]
+  if extra:
+    raise CheckpointMismatchError(
+        f"{what}: the checkpoint has {'/'.join(extra[0])} (and {len(extra) - 1} more) which the "
+        f"configured model does not; it was saved from another model or config.model.")
+  out = {}
+  for k, v in flat_t.items():
+    if k in flat_s:
+      if tuple(np.shape(flat_s[k])) != tuple(v.shape):
+        raise CheckpointMismatchError(
+            f"{what}: {'/'.join(k)} has shape {np.shape(flat_s[k])} in the checkpoint but "
+            f"{tuple(v.shape)} in the configured model (another width, dataset or model?).")
+      out[k] = jnp.asarray(flat_s[k], v.dtype)
+    elif is_mapping(k):
+      out[k] = v
+    else:
+      raise CheckpointMismatchError(
+          f"{what}: the checkpoint lacks {'/'.join(k)}; it was saved from another model.")
+  return traverse_util.unflatten_dict(out)

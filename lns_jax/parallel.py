@@ -89,6 +89,17 @@ def jit_data_parallel(fn: Callable, mesh: Mesh, *, donate_state: bool = True, **
                  donate_argnums=(0,) if donate_state else (), **jit_kwargs)
 
 
+_FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                 "xla_llvm_disable_expensive_passes": True}
+
+
+def compiler_options(fast=False):
+  """XLA options: ``fast`` (or LNS_FAST_COMPILE=1, which the tests set) trades run-time
+  speed for a several times quicker compile."""
+  fast = fast or os.environ.get("LNS_FAST_COMPILE") == "1"
+  return dict(_FAST_COMPILE) if fast else None
+
+
 def is_main_process() -> bool:
   """Process 0: the one that writes logs, summaries and result files."""
   return jax.process_index() == 0

@@ -1,4 +1,11 @@
-"""Model registry: ``get_model(config)`` builds a model from ``config.model``."""
+"""The models, and the one place a model is built from a config: :func:`from_config`.
+
+``get_model(name, num_classes=..., **fields)`` instantiates a registered model with
+explicit binarization fields; :func:`from_config` reads them from ``config.model`` and
+``config.mapping`` for a stage's weights (``'sign'`` / ``'lns'`` / ``'float'``, or a stage
+name, :mod:`lns_jax.stages`). The trainer, the summary (the ``'sign'`` inference model),
+the export and the inference (the ``'float'`` model of an export) all build with it.
+"""
 
 from __future__ import annotations
 
@@ -24,3 +31,44 @@ def get_model(name: str, *, num_classes: int, **kwargs):
   if name not in MODELS:
     raise ValueError(f"config.model.name must be one of {sorted(MODELS)}, got {name!r}.")
   return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def from_config(config, weights: str, num_classes: int, mesh=None):
+  """The model of ``config.model`` whose binary convs use ``weights``.
+
+  ``weights``: a weight binarizer (``'float'`` | ``'sign'`` | ``'lns'``) or a stage name
+  (its weights, :data:`lns_jax.stages.STAGES`). Only ``config.model`` is required;
+  ``config.mapping`` (the LNS layers' f_theta) takes its defaults where absent (an
+  export's header). With a ``mesh`` of several devices and ``config.mapping.shard``,
+  each device computes f_theta for its share of every layer's filters
+  (``MappingNet.filter_sharding``).
+  """
+  from lns_jax import stages
+  if weights in stages.STAGES:
+    weights = stages.STAGES[weights].weights
+  m, mapping = config.model, config.get("mapping")
+  kwargs = {}
+  if mapping is not None:
+    sharding = None
+    if mesh is not None and mesh.size > 1 and mapping.get("shard", True):
+      from lns_jax import parallel
+      sharding = parallel.batch_sharding(mesh)
+    kwargs = dict(mapping_output=mapping.output, mapping_clip=mapping.clip,
+                  mapping_ste=mapping.ste, mapping_init=mapping.get("init", "random"),
+                  mapping_sharding=sharding)
+  return get_model(m.name, num_classes=num_classes, weight_binarizer=weights,
+                   input_binarizer=m.input_binarizer, weight_scale=m.weight_scale,
+                   clip=m.clip, **kwargs)
+
+
+def check_input_shape(config, num_classes: int, image_shape) -> None:
+  """Raises ``ConfigError`` (one line) if ``config.model`` cannot take ``image_shape``."""
+  from lns_jax.binary import abstract_variables
+  from lns_jax.config import ConfigError
+  model = from_config(config, "pretrain", num_classes)
+  try:
+    abstract_variables(model, image_shape)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(
+        f"config.data.image_size: model {config.model.name!r} cannot take inputs of shape "
+        f"{tuple(image_shape)} ({type(e).__name__}); use a larger image_size.") from None
