@@ -42,7 +42,7 @@ def worker(args):
   import jax.numpy as jnp
   import numpy as np
   from lns_jax import config as config_lib
-  from lns_jax import parallel, trainer
+  from lns_jax import binary, models, optim, parallel, trainer
 
   devices = jax.devices()[:args.num_devices]
   if len(devices) < args.num_devices:
@@ -59,18 +59,14 @@ def worker(args):
            "label": rng.integers(0, 10, args.batch).astype(np.int32),
            "mask": np.ones(args.batch, np.float32)}
   for stage in args.stages.split(","):
-    model = trainer.build_model(config, stage, 10, mesh)
-    layers = trainer.binary_layers(model, shape)
-    schedule = trainer.learning_rate_schedule(config[stage], 100)
-    tx = trainer.make_optimizer(config, stage, schedule)
+    model = models.from_config(config, stage, 10, mesh)
+    layers = binary.weight_binarizers(model, shape)
+    schedule = optim.learning_rate_schedule(config[stage], 100)
+    tx = optim.make_optimizer(config, stage, schedule)
 
     def init():
-      v = model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
-      signs = trainer.effective_signs(layers, v["params"], v["batch_stats"])
-      return trainer.TrainState(
-          step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
-          opt_state=tx.init(v["params"]), signs_prev=signs, signs_init=signs, labels={},
-          skipped=jnp.zeros((), jnp.int32), first_bad_step=-jnp.ones((), jnp.int32))
+      return trainer.create_train_state(config, stage, model, tx, layers, shape,
+                                        jax.random.key(0))
 
     # The initializers compile ~10x faster at XLA's level 0; the step itself is compiled
     # as the trainer compiles it.

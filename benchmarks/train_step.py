@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lns_jax import config as config_lib  # noqa: E402
-from lns_jax import parallel, trainer  # noqa: E402
+from lns_jax import binary, models, optim, parallel, trainer  # noqa: E402
 
 
 def make_config(model, image_size, channels, batch):
@@ -44,17 +44,12 @@ def make_config(model, image_size, channels, batch):
 
 def bench_step(config, stage, image_shape, num_classes, steps, warmup=2):
   mesh = parallel.make_mesh()
-  model = trainer.build_model(config, stage, num_classes)
-  layers = trainer.binary_layers(model, image_shape)
-  schedule = trainer.learning_rate_schedule(config[stage], 100)
-  tx = trainer.make_optimizer(config, stage, schedule)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
-  params, bs = variables["params"], variables["batch_stats"]
-  signs = trainer.effective_signs(layers, params, bs)
-  state = trainer.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=bs, opt_state=tx.init(params),
-      signs_prev=signs, signs_init=jax.tree.map(jnp.copy, signs), labels={}, skipped=jnp.zeros((), jnp.int32),
-      first_bad_step=-jnp.ones((), jnp.int32))
+  model = models.from_config(config, stage, num_classes)
+  layers = binary.weight_binarizers(model, image_shape)
+  schedule = optim.learning_rate_schedule(config[stage], 100)
+  tx = optim.make_optimizer(config, stage, schedule)
+  state = trainer.create_train_state(config, stage, model, tx, layers, image_shape,
+                                     jax.random.key(0))
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   state = jax.device_put(state, rep)
   rng = np.random.default_rng(0)
@@ -100,16 +95,12 @@ def input_wait(batch, steps, loader="tfds", local_dir=None):
   data.prepare(c)
   info = data.get_info(c)
   mesh = parallel.make_mesh()
-  model = trainer.build_model(c, "lns", info.num_classes)
-  layers = trainer.binary_layers(model, info.image_shape)
-  schedule = trainer.learning_rate_schedule(c.lns, 100)
-  tx = trainer.make_optimizer(c, "lns", schedule)
-  v = model.init(jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False)
-  signs = trainer.effective_signs(layers, v["params"], v["batch_stats"])
-  state = trainer.TrainState(
-      step=jnp.zeros((), jnp.int32), params=v["params"], batch_stats=v["batch_stats"],
-      opt_state=tx.init(v["params"]), signs_prev=signs, signs_init=jax.tree.map(jnp.copy, signs), labels={},
-      skipped=jnp.zeros((), jnp.int32), first_bad_step=-jnp.ones((), jnp.int32))
+  model = models.from_config(c, "lns", info.num_classes)
+  layers = binary.weight_binarizers(model, info.image_shape)
+  schedule = optim.learning_rate_schedule(c.lns, 100)
+  tx = optim.make_optimizer(c, "lns", schedule)
+  state = trainer.create_train_state(c, "lns", model, tx, layers, info.image_shape,
+                                     jax.random.key(0))
   step = jax.jit(trainer.make_train_step(model, tx, c, "lns", layers, schedule),
                  donate_argnums=(0,))
   it = data.train_iterator(c, epoch=0)

@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from lns_jax import reporting
+
 BASELINE = "baseline"
 # Fields that make two baselines the same baseline (a reused DIR/baseline must match).
 BASELINE_FIELDS = ("seed", "model", "data", "batch_size", "optimizer", "momentum",
@@ -119,15 +121,6 @@ def check_baseline_dir(config, baseline_dir: str) -> None:
 # ----------------------------------------------------------------------------- results
 
 
-def _epoch_records(workdir: str, stage: str) -> List[dict]:
-  from lns_jax import plots
-  by_step = {}
-  for r in plots.read_metrics(workdir):
-    if r.get("stage") == stage and r.get("kind") == "epoch":
-      by_step[r["step"]] = r  # a resumed run repeats steps: keep the last
-  return [by_step[k] for k in sorted(by_step)]
-
-
 def run_record(run: Run, workdir: str) -> Optional[dict]:
   """``{'seed', 'test_top1', 'test_top5', ...}`` of a finished run, else None.
 
@@ -143,7 +136,7 @@ def run_record(run: Run, workdir: str) -> Optional[dict]:
          "test_top5": result["test"]["top5"], "flip_rate_init": result.get("flip_rate_init")}
   if "validation" in result:
     rec["val_top1"] = result["validation"]["top1"]
-  epochs = [r for r in _epoch_records(workdir, run.last_stage) if "test_top1" in r]
+  epochs = [r for r in reporting.epoch_records(workdir, run.last_stage) if "test_top1" in r]
   with_val = [r for r in epochs if "val_top1" in r]
   if with_val:
     best = max(with_val, key=lambda r: r["val_top1"])  # first of equals: the earliest
@@ -277,29 +270,14 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
   ``stop_at=(variant, seed, stage, step)`` interrupts one run as a preemption would
   (tests). Returns ``{'interrupted': True, ...}`` when a run was stopped.
   """
-  from lns_jax import checkpoint as ckpt_lib
-  from lns_jax import config as config_lib
   from lns_jax import parallel, trainer
 
   root = os.path.abspath(os.path.expanduser(workdir))
   runs = plan(config, seeds, alphas, rhos)
   base_dir = os.path.join(root, BASELINE)
   baseline_final = baseline or os.path.join(base_dir, "pretrain", "final")
-  # Every config is checked, and the baseline found, before anything is written.
-  num_devices = parallel.make_mesh().size
   bcfg = baseline_config(config)
-  config_lib.validate(bcfg, num_devices=num_devices)
-  for cfg_check in {r.variant: run_config(config, r, baseline_final) for r in runs}.values():
-    config_lib.validate(cfg_check, num_devices=num_devices)
-  if baseline:
-    try:
-      ckpt_lib.load_variables(baseline)
-    except ckpt_lib.CheckpointMismatchError:
-      raise AblationError(
-          f"--baseline={baseline}: no readable checkpoint there; give the pretrain stage "
-          f"folder of a finished run (e.g. DIR/baseline/pretrain) or its final/ folder.") from None
-  else:
-    check_baseline_dir(bcfg, base_dir)
+  _check_before_writing(config, runs, bcfg, baseline, baseline_final, base_dir)
   os.makedirs(root, exist_ok=True)
   t0, done_cost = time.time(), 0.0
   costs = {r: _run_cost(config, r) for r in runs}
@@ -339,6 +317,26 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
     log("\n" + write_report(root, runs, config, extra, baseline))
     log(f"[ablation] done: {os.path.join(root, 'ablation.md')}")
   return results
+
+
+def _check_before_writing(config, runs, bcfg, baseline, baseline_final, base_dir):
+  """Every config is checked, and the baseline found, before anything is written."""
+  from lns_jax import checkpoint as ckpt_lib
+  from lns_jax import config as config_lib
+  from lns_jax import parallel
+  num_devices = parallel.make_mesh().size
+  config_lib.validate(bcfg, num_devices=num_devices)
+  for cfg_check in {r.variant: run_config(config, r, baseline_final) for r in runs}.values():
+    config_lib.validate(cfg_check, num_devices=num_devices)
+  if baseline:
+    try:
+      ckpt_lib.load_variables(baseline)
+    except ckpt_lib.CheckpointMismatchError:
+      raise AblationError(
+          f"--baseline={baseline}: no readable checkpoint there; give the pretrain stage "
+          f"folder of a finished run (e.g. DIR/baseline/pretrain) or its final/ folder.") from None
+  else:
+    check_baseline_dir(bcfg, base_dir)
 
 
 def _signal(results):

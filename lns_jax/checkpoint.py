@@ -156,7 +156,10 @@ def load_meta(step_dir: str) -> dict:
   meta_dir = os.path.join(step_dir, workdir_lib.META)
   if not os.path.isdir(meta_dir):
     return {}
-  return dict(ocp.JsonCheckpointHandler().restore(epath.Path(meta_dir)))
+  try:
+    return dict(ocp.JsonCheckpointHandler().restore(epath.Path(meta_dir)))
+  except FileNotFoundError:  # a meta folder without its file: no meta
+    return {}
 
 
 def merge_variables(target: dict, source: dict, what: str) -> dict:

@@ -15,17 +15,12 @@ from typing import Iterable
 
 import ml_collections
 
-STAGES = ("pretrain", "warmup", "lns", "finetune")
-# The weights each stage trains with (DESIGN, "Stages").
-STAGE_WEIGHTS = {"pretrain": "sign", "warmup": "lns", "lns": "lns", "finetune": "sign"}
+from lns_jax.stages import NAMES as STAGES  # what each stage is: lns_jax.stages
+
+# The allowed values of the method's fields are owned by the modules that implement them
+# (quantizers, mapping, loss, optim, models) and read from there in :func:`validate`.
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet2012")
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("piecewise", "cosine", "constant")
 LABELS = ("current", "pretrained")
-INPUT_BINARIZERS = ("ste_sign", "approx_sign", "none")
-WEIGHT_SCALES = ("layer", "channel", "none")
-MAPPING_OUTPUTS = ("raw", "tanh")
-REDUCTIONS = ("mean", "sum")
 
 
 class ConfigError(ValueError):
@@ -244,10 +239,15 @@ def _check_keys(config, reference, prefix="", root=None):
 
 def validate(config, num_devices: int = 1) -> None:
   """Checks every field; raises :class:`ConfigError` naming the first bad one."""
-  from lns_jax import data_config, loss, mapping, quantizers
-  from lns_jax.models import MODELS
-
   _check_keys(config, base_config())
+  stages = _validate_stages(config)
+  _validate_model(config)
+  _validate_data(config, num_devices)
+  _validate_optimization(config, stages)
+  _validate_objective(config, stages)
+
+
+def _validate_stages(config) -> list:
   stages = stage_names(config)
   if not stages:
     _fail("stages", f"is empty; give a comma-separated list of {', '.join(STAGES)}.")
@@ -258,15 +258,25 @@ def validate(config, num_devices: int = 1) -> None:
     _fail("stages", f"{config.stages!r} names a stage twice.")
   if not isinstance(config.init_from, str):
     _fail("init_from", f"{config.init_from!r} must be a path (a string).")
+  return stages
+
+
+def _validate_model(config) -> None:
+  from lns_jax import mapping, quantizers
+  from lns_jax.models import MODELS
   _check_choice(config, "model.name", sorted(MODELS))
-  _check_choice(config, "model.input_binarizer", INPUT_BINARIZERS)
-  _check_choice(config, "model.weight_scale", WEIGHT_SCALES)
+  _check_choice(config, "model.input_binarizer", tuple(quantizers.INPUT_BINARIZERS))
+  _check_choice(config, "model.weight_scale", quantizers.WEIGHT_SCALES)
   _check_number(config, "model.clip", low=0, low_open=True)
-  _check_choice(config, "mapping.output", MAPPING_OUTPUTS)
+  _check_choice(config, "mapping.output", mapping.MAPPING_OUTPUTS)
   _check_number(config, "mapping.clip", low=0, low_open=True)
   _check_choice(config, "mapping.ste", quantizers.MAPPING_STES)
   _check_choice(config, "mapping.init", mapping.MAPPING_INITS)
   _check_choice(config, "mapping.shard", (True, False))
+
+
+def _validate_data(config, num_devices: int) -> None:
+  from lns_jax import data_config
   _check_choice(config, "data.name", DATASETS)
   try:  # configs written before config.data.loader existed read with TFDS
     data_config.check_loader(config.data.name, config.data.get("loader", "tfds"))
@@ -283,14 +293,18 @@ def validate(config, num_devices: int = 1) -> None:
     _fail("batch_size", f"{config.batch_size} must be a multiple of the number of devices "
                         f"({num_devices}); use e.g. "
                         f"{num_devices * max(1, config.batch_size // num_devices)}.")
-  _check_choice(config, "optimizer", OPTIMIZERS)
+
+
+def _validate_optimization(config, stages) -> None:
+  from lns_jax import optim
+  _check_choice(config, "optimizer", optim.OPTIMIZERS)
   _check_number(config, "momentum", low=0, high=1)
   _check_number(config, "weight_decay", low=0)
   for s in STAGES:
     _check_number(config, f"{s}.epochs", low=0)
     _check_number(config, f"{s}.lr", low=0)
-    _check_choice(config, f"{s}.schedule", SCHEDULES)
-    _check_choice(config, f"{s}.optimizer", ("",) + OPTIMIZERS)
+    _check_choice(config, f"{s}.schedule", optim.SCHEDULES)
+    _check_choice(config, f"{s}.optimizer", ("",) + optim.OPTIMIZERS)
     _check_number(config, f"{s}.decay_factor", low=0)
     decay = config[s].decay_epochs
     if not isinstance(decay, (tuple, list)) or not all(
@@ -301,6 +315,11 @@ def validate(config, num_devices: int = 1) -> None:
   for s in stages:
     if config[s].epochs <= 0:
       _fail(f"{s}.epochs", f"{config[s].epochs!r} must be > 0 for a stage that runs.")
+
+
+def _validate_objective(config, stages) -> None:
+  from lns_jax import loss
+  from lns_jax.stages import STAGES as TABLE
   _check_number(config, "alpha", low=0)
   rho = config.rho
   if not all(isinstance(r, numbers.Real) and not isinstance(r, bool)
@@ -311,9 +330,10 @@ def validate(config, num_devices: int = 1) -> None:
     loss.check_rho(config.rho)
   except ValueError as e:
     _fail("rho", str(e).removeprefix("rho: "))
-  _check_choice(config, "reduction", REDUCTIONS)
+  # The objective needs a number: every reduction of Eq. 15 but the per-element 'none'.
+  _check_choice(config, "reduction", tuple(r for r in loss.REDUCTIONS if r != "none"))
   _check_choice(config, "labels", LABELS)
   _check_choice(config, "on_nonfinite", ("stop", "skip"))
-  if "warmup" in stages and stages.index("warmup") == 0 and not config.init_from:
-    _fail("init_from", "the warmup stage needs a trained baseline: run 'pretrain' first or "
-                       "set config.init_from to a baseline checkpoint.")
+  if TABLE[stages[0]].trains_only_mapping and not config.init_from:
+    _fail("init_from", f"the {stages[0]} stage needs a trained baseline: run 'pretrain' "
+                       f"first or set config.init_from to a baseline checkpoint.")

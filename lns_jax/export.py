@@ -56,6 +56,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from lns_jax import workdir as workdir_lib
+
 FORMAT = "lns-jax-export"
 # The file format's version, "major.minor". A reader reads its own major version with
 # any minor version up to its own; another major or a newer minor is an
@@ -79,43 +81,17 @@ class ExportVersionError(ExportError):
 # ----------------------------------------------------------------------------- the run
 
 
-def _read_json(path):
-  with open(path) as f:
-    return json.load(f)
-
-
 def finished_stages(workdir: str) -> list:
   """Stages of ``workdir`` in run order that have a final checkpoint."""
-  order = []
-  summary = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary):
-    try:
-      order = list(_read_json(summary).get("stages", {}))
-    except (OSError, ValueError):
-      order = []
-  config_path = os.path.join(workdir, "config.json")
-  if os.path.exists(config_path):
-    try:
-      stages = _read_json(config_path).get("stages", "")
-      order += [s.strip() for s in str(stages).split(",") if s.strip() and s.strip() not in order]
-    except (OSError, ValueError):
-      pass
-  from lns_jax.config import STAGES
-  order += [s for s in STAGES if s not in order]
-  return [s for s in order if _final_step_dir(workdir, s) is not None]
+  return workdir_lib.finished_stages(workdir)
 
 
 def default_stage(workdir: str) -> str:
   """The last stage listed in ``summary.json``, else the last finished stage."""
-  summary = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary):
-    try:
-      stages = list(_read_json(summary).get("stages", {}))
-      if stages and _final_step_dir(workdir, stages[-1]) is not None:
-        return stages[-1]
-    except (OSError, ValueError):
-      pass
-  done = finished_stages(workdir)
+  stage = workdir_lib.last_summary_stage(workdir)
+  if stage is not None:
+    return stage
+  done = workdir_lib.finished_stages(workdir)
   if not done:
     raise ExportError(f"{workdir} holds no finished stage (no <stage>/final/<step> "
                       f"checkpoint); train first (python train.py ... --workdir={workdir}) "
@@ -123,33 +99,22 @@ def default_stage(workdir: str) -> str:
   return done[-1]
 
 
-def _final_step_dir(workdir: str, stage: str) -> Optional[str]:
-  final = os.path.join(workdir, stage, "final")
-  if not os.path.isdir(final):
-    return None
-  steps = [d for d in os.listdir(final)
-           if d.isdigit() and os.path.isdir(os.path.join(final, d, "state"))]
-  return os.path.join(final, max(steps, key=int)) if steps else None
-
-
 def load_stage(workdir: str, stage: str):
   """``(config, variables, meta, step_dir)`` of a finished stage, read only."""
   from lns_jax import config as config_lib
   from lns_jax import checkpoint as ckpt_lib
-  step_dir = _final_step_dir(workdir, stage)
+  step_dir = workdir_lib.final_step_dir(workdir, stage)
   if step_dir is None:
     done = finished_stages(workdir)
     raise ExportError(
         f"stage {stage!r} of {workdir} has not finished (no {stage}/final/<step> "
         f"checkpoint). Finished stages: {', '.join(done) or 'none'}; pass one of them "
         f"with --stage, or finish the run first.")
-  meta = {}
-  meta_file = os.path.join(step_dir, "meta", "metadata")
-  if os.path.exists(meta_file):
-    meta = _read_json(meta_file)
+  meta = ckpt_lib.load_meta(step_dir)
   config_json = meta.get("config")
-  if config_json is None and os.path.exists(os.path.join(workdir, "config.json")):
-    with open(os.path.join(workdir, "config.json")) as f:
+  config_file = workdir_lib.path(workdir, workdir_lib.CONFIG)
+  if config_json is None and os.path.exists(config_file):
+    with open(config_file) as f:
       config_json = f.read()
   if config_json is None:
     raise ExportError(f"{step_dir} has no config (meta) and {workdir} has no config.json; "
@@ -175,45 +140,27 @@ def model_spec(config, num_classes: int, image_shape) -> dict:
           "weight_scale": str(config.model.weight_scale), "clip": float(config.model.clip)}
 
 
+def spec_config(spec: dict):
+  """The header's ``model`` as a config for :func:`lns_jax.models.from_config`."""
+  import ml_collections
+  return ml_collections.ConfigDict({"model": {k: spec[k] for k in (
+      "name", "input_binarizer", "weight_scale", "clip")}})
+
+
 def build_inference_model(spec: dict):
   """The ``'float'`` variant of the model: a BinaryConv then uses its kernel as it is,
   so a kernel of ``unpacked signs * s`` gives exactly the training model's ``sign(.) * s``
   (the same float32 products), with the same activation binarizer."""
-  from lns_jax.models import get_model
-  return get_model(spec["name"], num_classes=spec["num_classes"], weight_binarizer="float",
-                   input_binarizer=spec["input_binarizer"], weight_scale=spec["weight_scale"],
-                   clip=spec["clip"])
+  from lns_jax import models
+  return models.from_config(spec_config(spec), "float", spec["num_classes"])
 
 
-def _layer_geometry(model, image_shape) -> Dict[Tuple[str, ...], dict]:
-  """Strides, padding, kernel size and binarizers of each BinaryConv (no compute)."""
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-  from lns_jax.layers import BinaryConv
-  found = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    m = context.module
-    if isinstance(m, BinaryConv) and context.method_name == "__call__":
-      pad = m.padding if isinstance(m.padding, str) else [list(map(int, p)) for p in m.padding]
-      found[tuple(m.path)] = {"strides": [int(s) for s in m.strides], "padding": pad,
-                              "kernel_size": [int(k) for k in m.kernel_size],
-                              "input_binarizer": m.input_binarizer,
-                              "weight_binarizer": m.weight_binarizer,
-                              "use_bias": bool(m.use_bias)}
-    return next_fun(*args, **kwargs)
-
-  x = jnp.zeros((1, *image_shape), jnp.float32)
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  return found
-
-
-def _subtree(tree, path):
-  for p in path:
-    tree = tree[p]
-  return tree
+def _geometry(m) -> dict:
+  """What the header records of a BinaryConv ``m``: strides, padding, binarizers."""
+  pad = m.padding if isinstance(m.padding, str) else [list(map(int, p)) for p in m.padding]
+  return {"strides": [int(s) for s in m.strides], "padding": pad,
+          "kernel_size": [int(k) for k in m.kernel_size], "input_binarizer": m.input_binarizer,
+          "weight_binarizer": m.weight_binarizer, "use_bias": bool(m.use_bias)}
 
 
 def _sha256(a: np.ndarray) -> str:
@@ -222,57 +169,58 @@ def _sha256(a: np.ndarray) -> str:
 
 def export_arrays(config, variables: dict, stage: str) -> Tuple[dict, Dict[str, np.ndarray]]:
   """``(header without 'arrays', members)`` for the inference model of ``stage``."""
-  import jax
-  import jax.numpy as jnp
-  from flax import traverse_util
+  from lns_jax import binary, models
   from lns_jax import data as data_lib
-  from lns_jax import quantizers
-  from lns_jax.layers import binary_weights
-  from lns_jax.trainer import binary_layers, build_model
-
   info = data_lib.get_info(config)
   spec = model_spec(config, info.num_classes, info.image_shape)
-  stage_model = build_model(config, stage, info.num_classes)
-  trained_with = binary_layers(stage_model, info.image_shape)  # {path: 'sign'|'lns'|'float'}
-  inf_model = build_inference_model(spec)
-  geometry = _layer_geometry(inf_model, info.image_shape)
-  x = jnp.zeros((1, *info.image_shape), jnp.float32)
-  target = jax.eval_shape(lambda: inf_model.init(jax.random.key(0), x, train=False))
+  trained_with = binary.weight_binarizers(  # {path: 'sign'|'lns'|'float'}
+      models.from_config(config, stage, info.num_classes), info.image_shape)
+  calls, target = binary.trace(build_inference_model(spec), info.image_shape)
+  geometry = {c.path: _geometry(c.module) for c in calls
+              if isinstance(c.module, binary.BinaryConv)}
+  members, layers_meta = _binary_members(config, variables, trained_with, geometry)
+  binary_kernels = {tuple(l["path"].split("/")) + ("kernel",) for l in layers_meta}
+  members.update(_full_precision_members(config, variables, target, binary_kernels))
+  header = {"format": FORMAT, "version": FORMAT_VERSION, "model": spec,
+            "binary_layers": layers_meta}
+  return header, members
 
+
+def _binary_members(config, variables, trained_with, geometry):
+  """The packed signs and the scale of each sign / LNS layer, and the header's entries."""
+  from lns_jax import binary, quantizers
   params, bstats = variables["params"], variables.get("batch_stats", {})
   members: Dict[str, np.ndarray] = {}
   layers_meta = []
-  binary_kernels = set()
   for path, binarizer in sorted(trained_with.items()):
     if binarizer == "float":
       continue
     try:
-      p = _subtree(params, path)
-      kernel = jnp.asarray(p["kernel"], jnp.float32)
-      mapping = None
-      if binarizer == "lns":
-        mapping = {"params": p["mapping"], "batch_stats": _subtree(bstats, path)["mapping"]}
+      signs = binary.layer_signs({path: binarizer}, params, bstats, config.mapping.output,
+                                 config.mapping.init)[path]
+      kernel = np.asarray(binary.subtree(params, path)["kernel"], np.float32)
     except (KeyError, TypeError) as e:
       raise ExportMismatchError(
           f"the checkpoint has no weights for binary layer {'/'.join(path)} of "
           f"{config.model.name!r} ({type(e).__name__}: {e}); it was saved from another "
           f"model or config.") from None
-    signs = np.asarray(binary_weights(kernel, binarizer, mapping, weight_scale="none",
-                                      mapping_output=config.mapping.output,
-                                      mapping_init=config.mapping.init))
     scale = np.asarray(quantizers.weight_scale(kernel, config.model.weight_scale), np.float32)
     packed, shape = pack_signs(signs)
     key = "/".join(path)
     members[f"binary/{key}/signs"] = packed
     members[f"binary/{key}/scale"] = scale
-    binary_kernels.add(path + ("kernel",))
     layers_meta.append({"path": key, "shape": list(shape), "scale_shape": list(scale.shape),
                         "trained_with": binarizer, "bits": int(np.prod(shape)),
                         **geometry.get(path, {})})
+  return members, layers_meta
 
+
+def _full_precision_members(config, variables, target, binary_kernels):
+  """Every other variable of the inference model (``target``: its abstract variables)."""
+  from flax import traverse_util
+  members = {}
   for col, tree in target.items():
-    flat_src = traverse_util.flatten_dict(
-        params if col == "params" else bstats if col == "batch_stats" else variables.get(col, {}))
+    flat_src = traverse_util.flatten_dict(variables.get(col, {}))
     for key, leaf in traverse_util.flatten_dict(tree).items():
       if col == "params" and key in binary_kernels:
         continue
@@ -287,9 +235,7 @@ def export_arrays(config, variables: dict, stage: str) -> Tuple[dict, Dict[str, 
             f"{tuple(leaf.shape)} in model {config.model.name!r}; it was saved from another "
             f"model or config.")
       members[f"{col}/{'/'.join(key)}"] = value.astype(np.float32)
-  header = {"format": FORMAT, "version": FORMAT_VERSION, "model": spec,
-            "binary_layers": layers_meta}
-  return header, members
+  return members
 
 
 def pack_signs(signs) -> Tuple[np.ndarray, Tuple[int, ...]]:
@@ -402,8 +348,9 @@ def export(workdir: str, out: str, stage: Optional[str] = None) -> dict:
   Returns a report: the file's size, the payload (the arrays' bytes) and the
   summary's memory figure for the same model (:mod:`lns_jax.summary`).
   """
+  from lns_jax import models
   from lns_jax import summary as summary_lib
-  from lns_jax.config import STAGE_WEIGHTS
+  from lns_jax.stages import STAGES
   workdir = os.path.abspath(os.path.expanduser(workdir))
   out = os.path.abspath(os.path.expanduser(out))
   if not os.path.isdir(workdir):
@@ -412,23 +359,23 @@ def export(workdir: str, out: str, stage: Optional[str] = None) -> dict:
     raise ExportError(f"--out={out} is inside the run's workdir {workdir}; export never "
                       f"writes into a workdir. Give a path outside it.")
   stage = stage or default_stage(workdir)
-  if stage not in STAGE_WEIGHTS:
-    raise ExportError(f"--stage={stage!r} is not a stage; use one of {sorted(STAGE_WEIGHTS)}.")
+  if stage not in STAGES:
+    raise ExportError(f"--stage={stage!r} is not a stage; use one of {sorted(STAGES)}.")
   config, variables, meta, step_dir = load_stage(workdir, stage)
   header, members = export_arrays(config, variables, stage)
   result = None
-  result_path = os.path.join(workdir, stage, "result.json")
+  result_path = workdir_lib.path(workdir, stage, workdir_lib.RESULT)
   if os.path.exists(result_path):
     try:
-      result = _read_json(result_path).get("test")
+      result = workdir_lib.read_json(result_path).get("test")
     except (OSError, ValueError):
       result = None
   header["source"] = {"workdir": workdir, "stage": stage, "step": meta.get("step"),
-                      "checkpoint": step_dir, "weights": STAGE_WEIGHTS[stage],
+                      "checkpoint": step_dir, "weights": STAGES[stage].weights,
                       "test": result}
   header["config"] = config.to_json_best_effort()
   info = header["model"]
-  model = summary_lib.inference_model(config, info["num_classes"])
+  model = models.from_config(config, "sign", info["num_classes"])  # the inference model
   total = summary_lib.summarize_model(model, info["image_shape"], config.model.name).total()
   header["summary"] = {k: total[k] for k in ("memory_bits", "memory_mbit", "flops",
                                              "binary_params", "real_params")}

@@ -85,10 +85,9 @@ def check_config(header: dict, config, path: str = "the export") -> None:
 
 def load(path: str, config=None) -> InferenceModel:
   """Reads and checks an export; ``config`` (optional) must describe the same model."""
-  import jax
   import jax.numpy as jnp
   from flax import traverse_util
-  from lns_jax import bitpack
+  from lns_jax.binary import abstract_variables
 
   path = os.path.abspath(os.path.expanduser(path))
   header, members = read_file(path)
@@ -97,8 +96,7 @@ def load(path: str, config=None) -> InferenceModel:
   spec = header["model"]
   try:
     model = build_inference_model(spec)
-    x = jnp.zeros((1, *spec["image_shape"]), jnp.float32)
-    target = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    target = abstract_variables(model, spec["image_shape"])
   except Exception as e:  # pylint: disable=broad-except
     raise ExportMismatchError(f"{path}: cannot build model {spec.get('name')!r} from its "
                               f"header ({type(e).__name__}: {e}).") from e
@@ -111,23 +109,8 @@ def load(path: str, config=None) -> InferenceModel:
       name = "/".join(key)
       layer = "/".join(key[:-1])
       if col == "params" and key[-1] == "kernel" and layer in binary:
-        meta = binary[layer]
-        signs_key, scale_key = f"binary/{layer}/signs", f"binary/{layer}/scale"
-        if tuple(meta["shape"]) != tuple(leaf.shape):
-          raise ExportMismatchError(
-              f"{path}: binary layer {layer} has shape {tuple(meta['shape'])} in the file but "
-              f"{tuple(leaf.shape)} in model {spec['name']!r}; the file is inconsistent.")
-        try:
-          signs = bitpack.unpack_signs_np(members[signs_key], meta["shape"], np.float32)
-        except (KeyError, ValueError) as e:
-          raise ExportError(f"{path} is damaged: binary layer {layer} ({e}). Export it "
-                            f"again.") from e
-        scale = np.asarray(members[scale_key], np.float32)
-        used.update((signs_key, scale_key))
-        # float32 +-1 times s: exactly the training model's sign(.) * s.
-        flat[key] = jnp.asarray(signs) * jnp.asarray(scale)
-        packed[layer] = {"w": bitpack.pack_bits(jnp.asarray(signs), axis=2, word_bits=32),
-                         "scale": jnp.asarray(scale)}
+        flat[key], packed[layer] = _binary_kernel(path, spec, binary[layer], members, leaf)
+        used.update((f"binary/{layer}/signs", f"binary/{layer}/scale"))
         continue
       member = f"{col}/{name}"
       if member not in members:
@@ -145,6 +128,27 @@ def load(path: str, config=None) -> InferenceModel:
     raise ExportMismatchError(f"{path} holds arrays model {spec['name']!r} has no place for "
                               f"({', '.join(unused[:3])}...); the file is inconsistent.")
   return InferenceModel(path, header, model, variables, packed)
+
+
+def _binary_kernel(path, spec, meta, members, leaf):
+  """``(kernel = unpacked signs * s, {'w': packed words, 'scale': s})`` of one layer."""
+  import jax.numpy as jnp
+  from lns_jax import bitpack
+  layer = meta["path"]
+  if tuple(meta["shape"]) != tuple(leaf.shape):
+    raise ExportMismatchError(
+        f"{path}: binary layer {layer} has shape {tuple(meta['shape'])} in the file but "
+        f"{tuple(leaf.shape)} in model {spec['name']!r}; the file is inconsistent.")
+  try:
+    signs = bitpack.unpack_signs_np(members[f"binary/{layer}/signs"], meta["shape"], np.float32)
+  except (KeyError, ValueError) as e:
+    raise ExportError(f"{path} is damaged: binary layer {layer} ({e}). Export it "
+                      f"again.") from e
+  scale = np.asarray(members[f"binary/{layer}/scale"], np.float32)
+  # float32 +-1 times s: exactly the training model's sign(.) * s.
+  return jnp.asarray(signs) * jnp.asarray(scale), {
+      "w": bitpack.pack_bits(jnp.asarray(signs), axis=2, word_bits=32),
+      "scale": jnp.asarray(scale)}
 
 
 def _apply(model, variables, packed, images, use_packed: bool):

@@ -3,53 +3,23 @@
 (a) training cross-entropy, (b) test top-1 accuracy, (c) flip rate of the binary
 weights, each against the epoch, one curve per stage (or per run when several
 workdirs are given: ``--workdir=A,B``). Writes ``fig3.png`` (and one PNG per panel)
-into ``--out`` (default: the first workdir).
+into ``--out`` (default: the first workdir). The records are read with
+:mod:`lns_jax.reporting`, which writes them and owns their schema.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Dict, List
 
 import matplotlib
 
+from lns_jax import workdir as workdir_lib
+from lns_jax.reporting import curves, read_metrics
+
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
-
-
-def read_metrics(workdir: str) -> List[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: is {workdir} the --workdir of a run?")
-  records = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass  # a line cut by a kill: skip it, the rest is good
-  return records
-
-
-def curves(records: List[dict]) -> Dict[str, Dict[str, tuple]]:
-  """``{stage: {panel: (epochs, values)}}``; a resumed run's repeated steps keep the last."""
-  out: Dict[str, Dict[str, dict]] = {}
-  for r in records:
-    stage = r.get("stage", "?")
-    d = out.setdefault(stage, {"ce": {}, "test_top1": {}, "flip_rate_epoch": {},
-                               "flip_rate_init": {}})
-    if r.get("kind") == "train":
-      d["ce"][r["epoch"]] = r["ce"]
-    elif r.get("kind") == "epoch":
-      for key in ("test_top1", "flip_rate_epoch", "flip_rate_init"):
-        if key in r:
-          d[key][r["epoch"]] = r[key]
-  return {s: {k: tuple(zip(*sorted(v.items()))) if v else ((), ()) for k, v in d.items()}
-          for s, d in out.items()}
 
 
 PANELS = (("ce", "(a) train cross-entropy", "cross-entropy"),
@@ -127,8 +97,16 @@ FIG3_VARIANTS = (("finetune", "finetune", "fine-tuning"), ("lns_alpha0", "lns", 
 def ablation_figures(root: str, runs, results: dict) -> List[str]:
   """Fig. 3 (a-c, mean with a std band over seeds, fine-tuning against LNS) and, with
   sweeps, Fig. 4 / 5 (final test top-1 against alpha / rho). Returns the PNG paths."""
-  import numpy as np
-  written = []
+  written = [_ablation_fig3(root, runs, results)]
+  for name, field, title in (("fig4", "alpha", "Fig. 4: top-1 against alpha"),
+                             ("fig5", "rho", "Fig. 5: top-1 against rho")):
+    path = _sweep_figure(root, results, name, field, title)
+    if path:
+      written.append(path)
+  return written
+
+
+def _ablation_fig3(root: str, runs, results: dict) -> str:
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   for ax, (key, title, ylabel) in zip(axes, PANELS):
     for variant, stage, label in FIG3_VARIANTS:
@@ -137,7 +115,7 @@ def ablation_figures(root: str, runs, results: dict) -> List[str]:
         if run.variant != variant:
           continue
         wd = run.workdir(root)
-        if not os.path.exists(os.path.join(wd, "metrics.jsonl")):
+        if not os.path.exists(workdir_lib.path(wd, workdir_lib.METRICS)):
           continue
         xs, ys = _stage_series(wd, stage).get(key, ((), ()))
         if xs:
@@ -155,40 +133,42 @@ def ablation_figures(root: str, runs, results: dict) -> List[str]:
   path = os.path.join(root, "fig3.png")
   fig.savefig(path, dpi=110)
   plt.close(fig)
-  written.append(path)
-  for name, field, title in (("fig4", "alpha", "Fig. 4: top-1 against alpha"),
-                             ("fig5", "rho", "Fig. 5: top-1 against rho")):
-    points = {}
-    for variant, recs in results["variants"].items():
-      if variant == "finetune" or not recs:
-        continue
-      if field == "rho" and variant.startswith("lns_alpha"):
-        continue
-      if field == "alpha" and variant.startswith("lns_rho"):
-        continue
-      points[recs[0][field]] = [r["test_top1"] for r in recs]
-    if len(points) < 3:  # the sweep was not asked for
+  return path
+
+
+def _sweep_figure(root: str, results: dict, name: str, field: str, title: str):
+  """Fig. 4 (``field='alpha'``) or 5 (``'rho'``); ``None`` when the sweep was not run."""
+  import numpy as np
+  points = {}
+  for variant, recs in results["variants"].items():
+    if variant == "finetune" or not recs:
       continue
-    xs = sorted(points)
-    f, ax = plt.subplots(figsize=(5.5, 4))
-    means = [100 * np.mean(points[x]) for x in xs]
-    stds = [100 * np.std(points[x]) for x in xs]
-    ax.errorbar(range(len(xs)), means, yerr=stds, marker="o", capsize=3, label="LNS")
-    if results["baseline"]:
-      ax.axhline(100 * results["baseline"]["test_top1"], color="gray", linestyle="--",
-                 label="baseline")
-    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
-    ax.set_xlabel(field)
-    ax.set_ylabel("final test top-1 (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    f.tight_layout()
-    path = os.path.join(root, f"{name}.png")
-    f.savefig(path, dpi=110)
-    plt.close(f)
-    written.append(path)
-  return written
+    if field == "rho" and variant.startswith("lns_alpha"):
+      continue
+    if field == "alpha" and variant.startswith("lns_rho"):
+      continue
+    points[recs[0][field]] = [r["test_top1"] for r in recs]
+  if len(points) < 3:  # the sweep was not asked for
+    return None
+  xs = sorted(points)
+  f, ax = plt.subplots(figsize=(5.5, 4))
+  means = [100 * np.mean(points[x]) for x in xs]
+  stds = [100 * np.std(points[x]) for x in xs]
+  ax.errorbar(range(len(xs)), means, yerr=stds, marker="o", capsize=3, label="LNS")
+  if results["baseline"]:
+    ax.axhline(100 * results["baseline"]["test_top1"], color="gray", linestyle="--",
+               label="baseline")
+  ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+  ax.set_xlabel(field)
+  ax.set_ylabel("final test top-1 (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  f.tight_layout()
+  path = os.path.join(root, f"{name}.png")
+  f.savefig(path, dpi=110)
+  plt.close(f)
+  return path
 
 
 def main(argv=None):

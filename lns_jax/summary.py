@@ -9,9 +9,9 @@ The counted network is the *inference* model: the ``'sign'`` variant of
 training machinery only; after training the paper keeps ``sign(q_hat)`` and nothing
 else (Sec. 3), which has exactly the sign model's shapes. Nothing is computed and no
 data is read: the layers are found by tracing ``model.init`` with
-``jax.eval_shape`` under a Flax method interceptor, which records every module call's
-input and output shapes; the dataset's image shape comes from ``data.get_info``
-(nominal sizes when the dataset is not built).
+``jax.eval_shape`` under a Flax method interceptor (:func:`lns_jax.binary.trace`),
+which records every module call's input and output shapes; the dataset's image shape
+comes from ``data.get_info`` (nominal sizes when the dataset is not built).
 
 What is counted (one row per module that owns variables, plus totals):
 
@@ -40,10 +40,9 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 from flax import traverse_util
 
+from lns_jax import binary as binary_lib
 from lns_jax.layers import BinaryConv
 
 MBIT = 1e6            # the paper's ResNet-18 figures (374 Mbit = 11.69M x 32 / 10^6)
@@ -136,26 +135,13 @@ def _owned_leaves(variables: dict) -> Dict[Tuple[str, ...], Dict[str, Any]]:
 def summarize_model(model: nn.Module, image_shape: Sequence[int],
                     name: Optional[str] = None) -> ModelSummary:
   """Per-layer costs of ``model`` on one ``image_shape`` image (shapes only, no compute)."""
-  calls: List[Tuple[Tuple[str, ...], nn.Module, tuple, tuple]] = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__":
-      x = args[0] if args else None
-      in_shape = tuple(x.shape) if hasattr(x, "shape") else ()
-      out_shape = tuple(out.shape) if hasattr(out, "shape") else ()
-      calls.append((tuple(context.module.path), context.module, in_shape, out_shape))
-    return out
-
-  x = jnp.zeros((1, *image_shape), jnp.float32)
-  with nn.intercept_methods(interceptor):
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  variables = dict(variables)
+  calls, variables = binary_lib.trace(model, image_shape)
   owned = _owned_leaves(variables)
-
   layers: List[LayerCost] = []
   seen = set()
-  for path, module, in_shape, out_shape in calls:
+  for call in calls:
+    path, module, in_shape, out_shape = (call.path, call.module, call.input_shape,
+                                         call.output_shape)
     leaves = owned.get(path, {})
     is_conv = isinstance(module, (nn.Conv, nn.Dense, BinaryConv))
     if not leaves and not is_conv:
@@ -189,7 +175,7 @@ def summarize_model(model: nn.Module, image_shape: Sequence[int],
         real_macs=0 if binary else macs, binary_macs=macs if binary else 0,
         fp_params=n_own, fp_macs=macs, input_shape=in_shape[1:], output_shape=out_shape[1:]))
 
-  counted = {p for p, *_ in calls if p in owned}
+  counted = {c.path for c in calls if c.path in owned}
   missing = [p for p in owned if p not in counted]
   for path in missing:  # variables of a module that was never called (should not happen)
     n = sum(math.prod(s) for s in owned[path].values())
@@ -198,19 +184,11 @@ def summarize_model(model: nn.Module, image_shape: Sequence[int],
   return ModelSummary(name or type(model).__name__, tuple(image_shape), layers)
 
 
-def inference_model(config, num_classes: int):
-  """The 'sign' model of ``config.model``: the network that inference runs."""
-  from lns_jax.models import get_model
-  return get_model(config.model.name, num_classes=num_classes, weight_binarizer="sign",
-                   input_binarizer=config.model.input_binarizer,
-                   weight_scale=config.model.weight_scale, clip=config.model.clip)
-
-
 def summarize(config) -> ModelSummary:
   """:func:`summarize_model` of ``config``'s inference model at its image size."""
-  from lns_jax import data
+  from lns_jax import data, models
   info = data.get_info(config)
-  model = inference_model(config, info.num_classes)
+  model = models.from_config(config, "sign", info.num_classes)  # the inference model
   return summarize_model(model, info.image_shape, name=config.model.name)
 
 

@@ -108,13 +108,14 @@ def test_warmup_first_needs_a_baseline():
 
 
 def test_input_too_small_for_the_model_is_a_config_error(tmp_path):
-  from lns_jax import trainer
+  from lns_jax import models
   c = load_config("imagenet_alexnet.py", "smoke")
   c.data.image_size = 8
   c.data.data_dir = str(tmp_path)
   from lns_jax import data
   with pytest.raises(config_lib.ConfigError, match="config.data.image_size"):
-    trainer._check_input_shape(c, data.get_info(c))
+    info = data.get_info(c)
+    models.check_input_shape(c, info.num_classes, info.image_shape)
 
 
 def test_saved_config_from_an_older_version_gets_the_new_fields_defaults():

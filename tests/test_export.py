@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from lns_jax import bitpack, checkpoint, data, export, inference, summary, trainer
+from lns_jax import bitpack, checkpoint, data, export, inference, models, summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,7 +120,7 @@ def test_predictions_equal_training_model(run, exported, test_batches, stage):
   """Same argmax and logits as the training model in eval mode, float and packed paths."""
   cfg, workdir = run
   info = data.get_info(cfg)
-  train_model = trainer.build_model(cfg, stage, info.num_classes)
+  train_model = models.from_config(cfg, stage, info.num_classes)
   train_apply = jax.jit(lambda v, x: train_model.apply(v, x, train=False))
   variables = checkpoint.load_variables(os.path.join(workdir, stage))
   model = inference.load(exported[stage]["out"], config=cfg)

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from lns_jax import bitpack, export, loss, quantizers, trainer
+from lns_jax import binary, bitpack, export, loss, metrics, models, quantizers, trainer
 from lns_jax import checkpoint as ckpt_lib
 from lns_jax import config as config_lib
 from lns_jax import data as data_lib
@@ -114,7 +114,7 @@ def test_dead_fractions_match_numpy():
   q = jnp.asarray(np.linspace(-1, 1, 36, dtype=np.float32).reshape(3, 3, 2, 2))
   w = jnp.asarray(np.linspace(-2, 2, 18, dtype=np.float32).reshape(3, 3, 1, 2))
   layers = {("a",): "lns", ("b",): "sign", ("c",): "float"}
-  out = trainer.dead_fractions(c, layers, {"b": {"kernel": w}, "c": {"kernel": w}},
+  out = metrics.dead_fractions(c, layers, {"b": {"kernel": w}, "c": {"kernel": w}},
                                {"a": (q, jnp.sign(q))})
   assert set(out) == {"a", "b"}
   assert float(out["a"][0]) == pytest.approx(np.mean(np.abs(np.asarray(q)) > 0.5))
@@ -140,8 +140,8 @@ def mid_lns(full_run, tmp_path_factory):
 def test_train_eval_and_export_use_the_same_signs_bit_for_bit(mid_lns):
   cfg, variables = mid_lns
   info = data_lib.get_info(cfg)
-  model = trainer.build_model(cfg, "lns", info.num_classes)
-  layers = trainer.binary_layers(model, info.image_shape)
+  model = models.from_config(cfg, "lns", info.num_classes)
+  layers = binary.weight_binarizers(model, info.image_shape)
   batch = next(data_lib.eval_iterator(cfg, "test"))
   x = jnp.asarray(batch["image"])
 
@@ -152,7 +152,7 @@ def test_train_eval_and_export_use_the_same_signs_bit_for_bit(mid_lns):
 
   in_train_step, in_eval = sown(True), sown(False)
   flips = flax.traverse_util.flatten_dict(
-      trainer.effective_signs(layers, variables["params"], variables["batch_stats"]))
+      binary.effective_signs(layers, variables["params"], variables["batch_stats"]))
   _, members = export.export_arrays(cfg, variables, "lns")
   # The mapping moved during the stage: its running averages lag behind its filters.
   assert len(in_train_step) == sum(b == "lns" for b in layers.values()) > 0

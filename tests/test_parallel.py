@@ -11,18 +11,17 @@ replicated. The model is a two-block ResNet (4 channels, one downsampling block)
 that the two compiles fit the time budget.
 """
 
-import functools
 import re
 from collections import Counter
 
+import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lns_jax import config as config_lib
 from lns_jax import data as data_lib
-from lns_jax import parallel, trainer
+from lns_jax import binary, optim, parallel, trainer
 from lns_jax.models.resnet_cifar import ResNetCifar
 from lns_testutil import smoke_config
 
@@ -40,16 +39,11 @@ def _model(config, mesh=None):
                      mapping_ste=config.mapping.ste, mapping_sharding=sharding)
 
 
-def _initial_state(model, tx, layers, image_shape):
+def _initial_state(config, model, tx, layers, image_shape):
   """The trainer's initial state of a stage started from scratch (host arrays)."""
   def init():
-    variables = model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False)
-    params, bstats = variables["params"], variables["batch_stats"]
-    signs = trainer.effective_signs(layers, params, bstats)
-    return trainer.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=bstats,
-        opt_state=tx.init(params), signs_prev=signs, signs_init=signs, labels={},
-        skipped=jnp.zeros((), jnp.int32), first_bad_step=-jnp.ones((), jnp.int32))
+    return trainer.create_train_state(config, STAGE, model, tx, layers, image_shape,
+                                      jax.random.key(0))
   # One compile instead of one per operation; XLA's CPU backend takes ~10x longer on
   # the random initializers at its default optimization level than at 0.
   compiled = jax.jit(init).lower().compile({"xla_backend_optimization_level": 0})
@@ -61,7 +55,7 @@ def _run(devices, make_step, state0, batches):
   step_fn = make_step(mesh)
   state = jax.device_put(state0, parallel.replicated(mesh))  # a fresh copy (it is donated)
   global_batches = [parallel.shard_batch(b, mesh) for b in batches]
-  step = parallel.jit_data_parallel(step_fn, mesh, compiler_options=trainer.compiler_options())
+  step = parallel.jit_data_parallel(step_fn, mesh, compiler_options=parallel.compiler_options())
   compiled = step.lower(state, global_batches[0]).compile()
   metrics, donated = [], []
   with jax.transfer_guard("disallow"):  # no implicit host<->device transfer in a step
@@ -81,15 +75,15 @@ def runs():
   config = smoke_config()  # batch 32 of 128 real Fashion-MNIST images
   info = data_lib.get_info(config)
   model = _model(config)
-  layers = trainer.binary_layers(model, info.image_shape)
+  layers = binary.weight_binarizers(model, info.image_shape)
   spe = data_lib.steps_per_epoch(config)
-  schedule = trainer.learning_rate_schedule(config[STAGE], spe)
-  tx = trainer.make_optimizer(config, STAGE, schedule)
+  schedule = optim.learning_rate_schedule(config[STAGE], spe)
+  tx = optim.make_optimizer(config, STAGE, schedule)
   make_step = lambda mesh: trainer.make_train_step(  # noqa: E731
       _model(config, mesh), tx, config, STAGE, layers, schedule)
   batches = list(data_lib.train_iterator(config, epoch=0))[:STEPS]
-  state0 = _initial_state(model, tx, layers, info.image_shape)
-  kernels = {path: trainer._subtree(state0.params, path)["kernel"].shape for path in layers}
+  state0 = _initial_state(config, model, tx, layers, info.image_shape)
+  kernels = {path: binary.subtree(state0.params, path)["kernel"].shape for path in layers}
   return {"config": config, "layers": layers, "kernels": kernels, "params0": state0.params,
           "one": _run(jax.devices()[:1], make_step, state0, batches),
           "all": _run(jax.devices(), make_step, state0, batches)}
@@ -107,8 +101,7 @@ def _check_same_params_and_metrics(runs):
   one, many = runs["one"], runs["all"]
   for name in ("params", "batch_stats", "opt_state"):
     a, b = jax.device_get(getattr(one["state"], name)), jax.device_get(getattr(many["state"], name))
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-6,
-                                   err_msg=name), a, b)
+    chex.assert_trees_all_close(a, b, rtol=2e-4, atol=2e-6, custom_message=name)
   assert int(one["state"].step) == int(many["state"].step) == STEPS
   for m1, m8 in zip(one["metrics"], many["metrics"]):
     assert set(m1) == set(m8)
