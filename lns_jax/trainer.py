@@ -97,6 +97,7 @@ def create_train_state(config, stage: str, model, tx: optax.GradientTransformati
 
 
 def _check_batch(batch) -> None:
+  """The steps' input (chex, at trace time): NHWC images, an int label and a mask each."""
   chex.assert_rank(batch["image"], 4)
   chex.assert_rank([batch["label"], batch["mask"]], 1)
   chex.assert_type(batch["label"], int)
@@ -150,7 +151,8 @@ def make_train_step(model, tx, config, stage: str, layers, schedule):
         opt_state=keep(opt_state, state.opt_state),
         skipped=state.skipped + (~ok).astype(jnp.int32),
         first_bad_step=first_bad if not skip_bad else state.first_bad_step)
-    return new_state, metrics_lib.train_metrics(aux, logits, batch, total, schedule(state.step), ok)
+    lr = schedule(state.step)
+    return new_state, metrics_lib.train_metrics(aux, logits, batch, total, lr, ok)
 
   return step_fn
 
