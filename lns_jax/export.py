@@ -81,11 +81,6 @@ class ExportVersionError(ExportError):
 # ----------------------------------------------------------------------------- the run
 
 
-def finished_stages(workdir: str) -> list:
-  """Stages of ``workdir`` in run order that have a final checkpoint."""
-  return workdir_lib.finished_stages(workdir)
-
-
 def default_stage(workdir: str) -> str:
   """The last stage listed in ``summary.json``, else the last finished stage."""
   stage = workdir_lib.last_summary_stage(workdir)
@@ -105,7 +100,7 @@ def load_stage(workdir: str, stage: str):
   from lns_jax import checkpoint as ckpt_lib
   step_dir = workdir_lib.final_step_dir(workdir, stage)
   if step_dir is None:
-    done = finished_stages(workdir)
+    done = workdir_lib.finished_stages(workdir)
     raise ExportError(
         f"stage {stage!r} of {workdir} has not finished (no {stage}/final/<step> "
         f"checkpoint). Finished stages: {', '.join(done) or 'none'}; pass one of them "
