@@ -18,7 +18,6 @@ import ml_collections
 STAGES = ("pretrain", "warmup", "lns", "finetune")
 # The weights each stage trains with (DESIGN, "Stages").
 STAGE_WEIGHTS = {"pretrain": "sign", "warmup": "lns", "lns": "lns", "finetune": "sign"}
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet2012")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("piecewise", "cosine", "constant")
 LABELS = ("current", "pretrained")
@@ -46,7 +45,7 @@ def stage_config(epochs=1.0, lr=0.1, schedule="piecewise", decay_epochs=(), deca
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field with its default (the CIFAR-10 ResNet-20 paper recipe, shrunk)."""
-  from lns_jax import data_config  # the data fields, without TensorFlow (lns_jax.data_config)
+  from lns_jax.data import defaults as data_config  # the data fields, without TensorFlow
 
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -244,7 +243,8 @@ def _check_keys(config, reference, prefix="", root=None):
 
 def validate(config, num_devices: int = 1) -> None:
   """Checks every field; raises :class:`ConfigError` naming the first bad one."""
-  from lns_jax import data_config, loss, mapping, quantizers
+  from lns_jax import loss, mapping, quantizers
+  from lns_jax.data import defaults as data_config, specs as data_specs
   from lns_jax.models import MODELS
 
   _check_keys(config, base_config())
@@ -267,7 +267,7 @@ def validate(config, num_devices: int = 1) -> None:
   _check_choice(config, "mapping.ste", quantizers.MAPPING_STES)
   _check_choice(config, "mapping.init", mapping.MAPPING_INITS)
   _check_choice(config, "mapping.shard", (True, False))
-  _check_choice(config, "data.name", DATASETS)
+  _check_choice(config, "data.name", data_specs.DATASETS)
   try:  # configs written before config.data.loader existed read with TFDS
     data_config.check_loader(config.data.name, config.data.get("loader", "tfds"))
   except ValueError as e:

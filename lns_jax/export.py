@@ -230,7 +230,7 @@ def export_arrays(config, variables: dict, stage: str) -> Tuple[dict, Dict[str, 
   from lns_jax.layers import binary_weights
   from lns_jax.trainer import binary_layers, build_model
 
-  info = data_lib.get_info(config)
+  info = data_lib.get_info(config.data)
   spec = model_spec(config, info.num_classes, info.image_shape)
   stage_model = build_model(config, stage, info.num_classes)
   trained_with = binary_layers(stage_model, info.image_shape)  # {path: 'sign'|'lns'|'float'}

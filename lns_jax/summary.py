@@ -209,7 +209,7 @@ def inference_model(config, num_classes: int):
 def summarize(config) -> ModelSummary:
   """:func:`summarize_model` of ``config``'s inference model at its image size."""
   from lns_jax import data
-  info = data.get_info(config)
+  info = data.get_info(config.data)
   model = inference_model(config, info.num_classes)
   return summarize_model(model, info.image_shape, name=config.model.name)
 

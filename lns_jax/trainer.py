@@ -484,7 +484,7 @@ def _flip_rates(prev, now, init):
 
 def evaluate(eval_step, variables, config, split, mesh) -> dict:
   sums = None
-  for batch in data_lib.eval_iterator(config, split):
+  for batch in data_lib.eval_iterator(config.data, split, batch_size=config.batch_size):
     out = eval_step(variables, parallel.shard_batch(batch, mesh))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = _host(sums)
@@ -507,7 +507,7 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
   os.makedirs(stage_dir, exist_ok=True)
   stage_cfg = config[stage]
   info = ctx.info
-  spe = data_lib.steps_per_epoch(config)
+  spe = data_lib.steps_per_epoch(config.data, config.batch_size)
   total_steps = max(1, int(round(stage_cfg.epochs * spe)))
   model = build_model(config, stage, info.num_classes, mesh)
   layers = binary_layers(model, info.image_shape)
@@ -596,7 +596,9 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
   images_per_step = config.batch_size
   while step < total_steps:
     epoch, offset = divmod(step, spe)
-    it = data_lib.train_iterator(config, epoch=epoch, start_step=offset)
+    it = data_lib.train_iterator(
+        config.data, batch_size=config.batch_size, seed=config.seed, epoch=epoch,
+        start_step=offset)
     while step < total_steps:
       t = time.time()
       try:
@@ -746,8 +748,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   check_workdir_writable(workdir)
   stages = config_lib.stage_names(config)
   with workdir_lock(workdir), _Preemption() as preempt:
-    parallel.main_process_first(data_lib.prepare, config)  # one build into a shared data_dir
-    info = data_lib.get_info(config)
+    parallel.main_process_first(data_lib.prepare, config.data)  # one build into a shared data_dir
+    info = data_lib.get_info(config.data)
     _check_input_shape(config, info)
     start = None
     if config.init_from:

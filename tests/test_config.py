@@ -114,7 +114,7 @@ def test_input_too_small_for_the_model_is_a_config_error(tmp_path):
   c.data.data_dir = str(tmp_path)
   from lns_jax import data
   with pytest.raises(config_lib.ConfigError, match="config.data.image_size"):
-    trainer._check_input_shape(c, data.get_info(c))
+    trainer._check_input_shape(c, data.get_info(c.data))
 
 
 def test_saved_config_from_an_older_version_gets_the_new_fields_defaults():
