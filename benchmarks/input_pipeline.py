@@ -29,7 +29,7 @@ def measure(name, batch, epochs, image_size, cache):
   if cache is not None:
     config.data.cache = cache
   try:
-    data.prepare(config)
+    data.prepare(config.data)
   except data.DatasetNotFoundError:
     return None
   data.clear_cache()
@@ -37,7 +37,8 @@ def measure(name, batch, epochs, image_size, cache):
   for epoch in range(epochs):
     start = time.perf_counter()
     n = 0
-    for b in data.train_iterator(config, epoch=epoch, process_index=0, process_count=1):
+    for b in data.train_iterator(config.data, batch_size=config.batch_size, seed=config.seed,
+                                 epoch=epoch, process_index=0, process_count=1):
       n += b["image"].shape[0]
     dt = time.perf_counter() - start
     if epoch == 0:

@@ -92,8 +92,8 @@ def input_wait(batch, steps, loader="tfds", local_dir=None):
   c.data.name = "fashion_mnist"
   c.data.loader = loader
   c.data.local_dir = local_dir
-  data.prepare(c)
-  info = data.get_info(c)
+  data.prepare(c.data)
+  info = data.get_info(c.data)
   mesh = parallel.make_mesh()
   model = models.from_config(c, "lns", info.num_classes)
   layers = binary.weight_binarizers(model, info.image_shape)
@@ -103,7 +103,7 @@ def input_wait(batch, steps, loader="tfds", local_dir=None):
                                      jax.random.key(0))
   step = jax.jit(trainer.make_train_step(model, tx, c, "lns", layers, schedule),
                  donate_argnums=(0,))
-  it = data.train_iterator(c, epoch=0)
+  it = data.train_iterator(c.data, batch_size=c.batch_size, seed=c.seed, epoch=0)
   state, _ = step(state, parallel.shard_batch(next(it), mesh))  # compile
   jax.block_until_ready(state)
   wait, t0 = 0.0, time.perf_counter()

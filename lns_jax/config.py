@@ -19,7 +19,6 @@ from lns_jax.stages import NAMES as STAGES  # what each stage is: lns_jax.stages
 
 # The allowed values of the method's fields are owned by the modules that implement them
 # (quantizers, mapping, loss, optim, models) and read from there in :func:`validate`.
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "imagenet2012")
 LABELS = ("current", "pretrained")
 
 
@@ -41,7 +40,7 @@ def stage_config(epochs=1.0, lr=0.1, schedule="piecewise", decay_epochs=(), deca
 
 def base_config() -> ml_collections.ConfigDict:
   """Every field with its default (the CIFAR-10 ResNet-20 paper recipe, shrunk)."""
-  from lns_jax import data_config  # the data fields, without TensorFlow (lns_jax.data_config)
+  from lns_jax.data import defaults as data_config  # the data fields, without TensorFlow
 
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -276,8 +275,8 @@ def _validate_model(config) -> None:
 
 
 def _validate_data(config, num_devices: int) -> None:
-  from lns_jax import data_config
-  _check_choice(config, "data.name", DATASETS)
+  from lns_jax.data import defaults as data_config, specs as data_specs
+  _check_choice(config, "data.name", data_specs.DATASETS)
   try:  # configs written before config.data.loader existed read with TFDS
     data_config.check_loader(config.data.name, config.data.get("loader", "tfds"))
   except ValueError as e:

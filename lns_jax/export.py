@@ -166,7 +166,7 @@ def export_arrays(config, variables: dict, stage: str) -> Tuple[dict, Dict[str, 
   """``(header without 'arrays', members)`` for the inference model of ``stage``."""
   from lns_jax import binary, models
   from lns_jax import data as data_lib
-  info = data_lib.get_info(config)
+  info = data_lib.get_info(config.data)
   spec = model_spec(config, info.num_classes, info.image_shape)
   trained_with = binary.weight_binarizers(  # {path: 'sign'|'lns'|'float'}
       models.from_config(config, stage, info.num_classes), info.image_shape)

@@ -68,7 +68,7 @@ def check_config(header: dict, config, path: str = "the export") -> None:
   """Raises :class:`ExportMismatchError` if ``config`` describes another model."""
   from lns_jax import data as data_lib
   spec = header["model"]
-  info = data_lib.get_info(config)
+  info = data_lib.get_info(config.data)
   want = {"model.name": spec["name"], "model.input_binarizer": spec["input_binarizer"],
           "model.weight_scale": spec["weight_scale"], "num_classes": spec["num_classes"],
           "image_shape": tuple(spec["image_shape"])}
@@ -204,7 +204,7 @@ def evaluate(model: InferenceModel, config=None, split: str = "test",
   from lns_jax import metrics as metrics_lib
   config = config if config is not None else model.config()
   sums = np.zeros(3)
-  for batch in data_lib.eval_iterator(config, split):
+  for batch in data_lib.eval_iterator(config.data, split, batch_size=config.batch_size):
     logits = predict(model, batch["image"], use_packed)
     top1, top5 = metrics_lib.topk_correct(logits, jnp.asarray(batch["label"]), (1, 5),
                                           jnp.asarray(batch["mask"]))

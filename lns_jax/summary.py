@@ -187,7 +187,7 @@ def summarize_model(model: nn.Module, image_shape: Sequence[int],
 def summarize(config) -> ModelSummary:
   """:func:`summarize_model` of ``config``'s inference model at its image size."""
   from lns_jax import data, models
-  info = data.get_info(config)
+  info = data.get_info(config.data)
   model = models.from_config(config, "sign", info.num_classes)  # the inference model
   return summarize_model(model, info.image_shape, name=config.model.name)
 

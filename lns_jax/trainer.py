@@ -171,7 +171,7 @@ def make_eval_step(model):
 
 def evaluate(eval_step, variables, config, split, mesh) -> dict:
   sums = None
-  for batch in data_lib.eval_iterator(config, split):
+  for batch in data_lib.eval_iterator(config.data, split, batch_size=config.batch_size):
     out = eval_step(variables, parallel.shard_batch(batch, mesh))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = jax.device_get(sums)
@@ -215,7 +215,7 @@ class _StageRun:
   def __init__(self, ctx: StageContext):
     config, stage, info = ctx.config, ctx.stage, ctx.info
     self.ctx, self.stage, self.table = ctx, stage, stages_lib.get(stage)
-    self.spe = data_lib.steps_per_epoch(config)
+    self.spe = data_lib.steps_per_epoch(config.data, config.batch_size)
     self.total_steps = max(1, int(round(config[stage].epochs * self.spe)))
     self.model = models.from_config(config, stage, info.num_classes, ctx.mesh)
     self.layers = binary.weight_binarizers(self.model, info.image_shape)
@@ -301,7 +301,8 @@ class _StageRun:
     meter, record = reporting.Meter(), None
     while step < self.total_steps:
       epoch, offset = divmod(step, self.spe)
-      it = data_lib.train_iterator(config, epoch=epoch, start_step=offset)
+      it = data_lib.train_iterator(config.data, batch_size=config.batch_size,
+                                   seed=config.seed, epoch=epoch, start_step=offset)
       while step < self.total_steps:
         t = time.time()
         try:
@@ -410,8 +411,8 @@ def run_stage(ctx: StageContext, start_variables: Optional[dict]) -> dict:
 
 def _prepare(config, workdir: str, first_stage: str):
   """The data (built once), its info, the starting variables (checked), config.json."""
-  parallel.main_process_first(data_lib.prepare, config)  # one build into a shared data_dir
-  info = data_lib.get_info(config)
+  parallel.main_process_first(data_lib.prepare, config.data)  # one build into a shared data_dir
+  info = data_lib.get_info(config.data)
   models.check_input_shape(config, info.num_classes, info.image_shape)
   start = None
   if config.init_from:

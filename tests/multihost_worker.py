@@ -103,10 +103,10 @@ def main():
   sigterm_at = os.environ.get("LNS_TEST_SIGTERM_AT")
   original_train_iterator = data_lib.train_iterator
 
-  def recording_train_iterator(config, *, epoch, start_step=0, **kwargs):
+  def recording_train_iterator(data, *, batch_size, epoch, start_step=0, **kwargs):
     stage = getattr(recording_train_iterator, "stage", "?")
-    spe = data_lib.steps_per_epoch(config)
-    for i, batch in enumerate(original_train_iterator(config, epoch=epoch,
+    spe = data_lib.steps_per_epoch(data, batch_size)
+    for i, batch in enumerate(original_train_iterator(data, batch_size=batch_size, epoch=epoch,
                                                       start_step=start_step, **kwargs)):
       step = epoch * spe + start_step + i + 1  # the step this batch makes
       report["batches"].setdefault(f"{stage}/{epoch}", []).append(

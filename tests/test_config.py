@@ -114,7 +114,7 @@ def test_input_too_small_for_the_model_is_a_config_error(tmp_path):
   c.data.data_dir = str(tmp_path)
   from lns_jax import data
   with pytest.raises(config_lib.ConfigError, match="config.data.image_size"):
-    info = data.get_info(c)
+    info = data.get_info(c.data)
     models.check_input_shape(c, info.num_classes, info.image_shape)
 
 

@@ -27,6 +27,16 @@ def no_network(monkeypatch):
   monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+def train_it(config, **kw):
+  """The training iterator, as the trainer calls it."""
+  return data.train_iterator(config.data, batch_size=config.batch_size, seed=config.seed, **kw)
+
+
+def eval_it(config, split="test", **kw):
+  """The evaluation iterator, as the trainer calls it."""
+  return data.eval_iterator(config.data, split, batch_size=config.batch_size, **kw)
+
+
 def make_config(**data_fields):
   c = ml_collections.ConfigDict()
   c.batch_size = data_fields.pop("batch_size", 4)
@@ -43,7 +53,7 @@ def collect(it):
 
 
 def denormalize(images, name):
-  info = data._SPECS[name]
+  info = data.specs.SPECS[name]
   return np.rint(images * np.array(info.std) + np.array(info.mean)).astype(np.int64)
 
 
@@ -65,17 +75,17 @@ def cifar(tmp_path_factory):
   train_im, train_lb, test_im, test_lb = write_cifar10_archive(
       root / "data" / "downloads" / "manual", CIFAR_PER_BATCH, CIFAR_TEST)
   config = make_config(name="cifar10", data_dir=str(root / "data"), augment=False)
-  data.prepare(config)
+  data.prepare(config.data)
   return config, train_im, train_lb, test_im, test_lb
 
 
 def test_cifar_eval_matches_raw_bytes(cifar):
   config, _, _, test_im, test_lb = cifar
-  info = data.get_info(config)
+  info = data.get_info(config.data)
   assert (info.num_train, info.num_eval, info.num_validation) == (20, CIFAR_TEST, 0)
   assert info.image_shape == (32, 32, 3) and info.num_classes == 10
-  out, batches = collect(data.eval_iterator(config, process_index=0, process_count=1))
-  assert len(batches) == data.eval_steps(config, process_count=1) == 2
+  out, batches = collect(eval_it(config, process_index=0, process_count=1))
+  assert len(batches) == data.eval_steps(config.data, config.batch_size, process_count=1) == 2
   for b in batches:
     assert b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.float32
     assert b["label"].dtype == np.int32 and b["mask"].dtype == np.float32
@@ -92,13 +102,13 @@ def test_cifar_validation_split(cifar):
   config, train_im, train_lb, _, _ = cifar
   config = make_config(name="cifar10", data_dir=config.data.data_dir, augment=False,
                        val_examples=5)
-  info = data.get_info(config)
+  info = data.get_info(config.data)
   assert (info.num_train, info.num_validation) == (15, 5)
-  assert data.steps_per_epoch(config, process_count=1) == 3
+  assert data.steps_per_epoch(config.data, config.batch_size, process_count=1) == 3
   index = lookup(train_im)
   seen = []
   for split, n in (("train", 15), ("validation", 5)):
-    out, _ = collect(data.eval_iterator(config, split, process_index=0, process_count=1))
+    out, _ = collect(eval_it(config, split, process_index=0, process_count=1))
     assert out["mask"].sum() == n
     ids = [index[im.astype(np.uint8).tobytes()]
            for im in denormalize(out["image"][out["mask"] == 1], "cifar10")]
@@ -111,9 +121,9 @@ def test_cifar_training_batches_and_resize(cifar):
   config, _, _, _, _ = cifar
   config = make_config(name="cifar10", data_dir=config.data.data_dir, image_size=16,
                        batch_size=8)
-  assert data.get_info(config).image_shape == (16, 16, 3)
-  batches = list(data.train_iterator(config, epoch=0, process_index=0, process_count=1))
-  assert len(batches) == data.steps_per_epoch(config, process_count=1) == 2
+  assert data.get_info(config.data).image_shape == (16, 16, 3)
+  batches = list(train_it(config, epoch=0, process_index=0, process_count=1))
+  assert len(batches) == data.steps_per_epoch(config.data, config.batch_size, process_count=1) == 2
   for b in batches:
     assert b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.float32
     assert b["label"].shape == (8,) and b["label"].dtype == np.int32
@@ -124,7 +134,7 @@ def test_cifar_augmentation_is_crop_and_flip(cifar):
   """Every augmented image is a flipped or unflipped window of the padded original."""
   config, train_im, _, _, _ = cifar
   config = make_config(name="cifar10", data_dir=config.data.data_dir, augment=True)
-  out, _ = collect(data.train_iterator(config, epoch=3, process_index=0, process_count=1))
+  out, _ = collect(train_it(config, epoch=3, process_index=0, process_count=1))
   images = denormalize(out["image"], "cifar10")
   padded = np.pad(train_im, [(0, 0), (4, 4), (4, 4), (0, 0)]).astype(np.int64)
   # The label identifies nothing; find each image's source by exhaustive search.
@@ -146,14 +156,14 @@ def test_cifar_augmentation_is_crop_and_flip(cifar):
 def test_same_seed_and_epoch_give_identical_batches(cifar):
   config = make_config(name="cifar10", data_dir=cifar[0].data.data_dir)
   kw = dict(process_index=0, process_count=1)
-  a, _ = collect(data.train_iterator(config, epoch=1, **kw))
-  b, _ = collect(data.train_iterator(config, epoch=1, **kw))
-  c, _ = collect(data.train_iterator(config, epoch=2, **kw))
+  a, _ = collect(train_it(config, epoch=1, **kw))
+  b, _ = collect(train_it(config, epoch=1, **kw))
+  c, _ = collect(train_it(config, epoch=2, **kw))
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(a["image"], c["image"])
   config.seed = 1
-  d, _ = collect(data.train_iterator(config, epoch=1, **kw))
+  d, _ = collect(train_it(config, epoch=1, **kw))
   assert not np.array_equal(a["image"], d["image"])
 
 
@@ -163,7 +173,7 @@ def test_epochs_reorder(cifar):
   index = lookup(train_im)
   orders = []
   for epoch in (0, 1):
-    out, _ = collect(data.train_iterator(config, epoch=epoch, process_index=0,
+    out, _ = collect(train_it(config, epoch=epoch, process_index=0,
                                          process_count=1))
     orders.append([index[im.astype(np.uint8).tobytes()]
                    for im in denormalize(out["image"], "cifar10")])
@@ -174,10 +184,10 @@ def test_epochs_reorder(cifar):
 def test_start_step_is_the_tail_of_the_epoch(cifar):
   config = make_config(name="cifar10", data_dir=cifar[0].data.data_dir)
   kw = dict(epoch=5, process_index=0, process_count=1)
-  full = list(data.train_iterator(config, **kw))
+  full = list(train_it(config, **kw))
   assert len(full) == 5
   for k in (0, 2, 5):
-    tail = list(data.train_iterator(config, start_step=k, **kw))
+    tail = list(train_it(config, start_step=k, **kw))
     assert len(tail) == 5 - k
     for x, y in zip(full[k:], tail):
       for key in x:
@@ -191,25 +201,26 @@ def test_process_shards_are_disjoint_and_cover(cifar, cache):
   index = lookup(cifar[1])
   ids = {}
   for pi in (0, 1):
-    out, batches = collect(data.train_iterator(config, epoch=0, process_index=pi,
+    out, batches = collect(train_it(config, epoch=0, process_index=pi,
                                                process_count=2))
-    assert len(batches) == data.steps_per_epoch(config, process_count=2) == 5
+    assert len(batches) == 5
+    assert data.steps_per_epoch(config.data, config.batch_size, process_count=2) == 5
     assert batches[0]["image"].shape[0] == 2  # per-process batch = 4 // 2
     ids[pi] = [index[im.astype(np.uint8).tobytes()]
                for im in denormalize(out["image"], "cifar10")]
   assert not set(ids[0]) & set(ids[1])
   assert sorted(ids[0] + ids[1]) == list(range(20))
   # Eval: 7 test examples over 2 processes, same number of steps on both.
-  masks = [collect(data.eval_iterator(config, process_index=pi, process_count=2))[0]["mask"]
+  masks = [collect(eval_it(config, process_index=pi, process_count=2))[0]["mask"]
            for pi in (0, 1)]
   assert len(masks[0]) == len(masks[1]) and masks[0].sum() + masks[1].sum() == CIFAR_TEST
 
 
 def test_streaming_matches_in_memory_for_eval(cifar):
   config = make_config(name="cifar10", data_dir=cifar[0].data.data_dir, cache=False)
-  a, _ = collect(data.eval_iterator(config, process_index=0, process_count=1))
+  a, _ = collect(eval_it(config, process_index=0, process_count=1))
   config.data.cache = True
-  b, _ = collect(data.eval_iterator(config, process_index=0, process_count=1))
+  b, _ = collect(eval_it(config, process_index=0, process_count=1))
   for k in a:
     np.testing.assert_allclose(a[k], b[k])
 
@@ -217,8 +228,8 @@ def test_streaming_matches_in_memory_for_eval(cifar):
 def test_streaming_training_is_deterministic(cifar):
   config = make_config(name="cifar10", data_dir=cifar[0].data.data_dir, cache=False)
   kw = dict(epoch=1, process_index=0, process_count=1)
-  a = list(data.train_iterator(config, **kw))
-  b = list(data.train_iterator(config, start_step=2, **kw))
+  a = list(train_it(config, **kw))
+  b = list(train_it(config, start_step=2, **kw))
   assert len(a) == 5 and len(b) == 3
   for x, y in zip(a[2:], b):
     np.testing.assert_array_equal(x["image"], y["image"])
@@ -227,7 +238,7 @@ def test_streaming_training_is_deterministic(cifar):
 def test_batch_must_divide_over_processes(cifar):
   config = make_config(name="cifar10", data_dir=cifar[0].data.data_dir, batch_size=5)
   with pytest.raises(ValueError, match="divisible"):
-    data.train_iterator(config, epoch=0, process_index=0, process_count=2)
+    train_it(config, epoch=0, process_index=0, process_count=2)
 
 
 # ----------------------------------------------------------------------------
@@ -251,10 +262,10 @@ def test_mnist_from_local_idx_files(tmp_path):
     write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", raw[split][1])
   config = make_config(name="mnist", data_dir=str(tmp_path / "tfds"),
                        local_dir=str(tmp_path), batch_size=4)
-  data.prepare(config)
-  info = data.get_info(config)
+  data.prepare(config.data)
+  info = data.get_info(config.data)
   assert (info.num_train, info.num_eval, info.image_shape) == (12, 6, (28, 28, 1))
-  out, _ = collect(data.eval_iterator(config, process_index=0, process_count=1))
+  out, _ = collect(eval_it(config, process_index=0, process_count=1))
   np.testing.assert_array_equal(out["mask"], [1] * 6 + [0] * 2)
   index = lookup(raw["t10k"][0][..., None])
   ids = [index[im.astype(np.uint8).tobytes()]
@@ -277,9 +288,9 @@ def fashion_config():
   # data_dir (or LNS_TEST_DATA_DIR), and reused by later runs and by training.
   config = make_config(name="fashion_mnist", batch_size=64, train_examples=256,
                        eval_examples=100, data_dir=os.environ.get("LNS_TEST_DATA_DIR"))
-  built = data._builder(config).is_prepared()
+  built = data.build.builder(config.data).is_prepared()
   start = time.time()
-  data.prepare(config)
+  data.prepare(config.data)
   if not built:
     assert time.time() - start < 90, "building Fashion-MNIST took too long"
   return config
@@ -287,15 +298,15 @@ def fashion_config():
 
 def test_fashion_mnist_real_files(fashion_config):
   config = fashion_config
-  info = data.get_info(config)
+  info = data.get_info(config.data)
   assert (info.num_train, info.num_eval, info.image_shape) == (256, 100, (28, 28, 1))
-  batches = list(data.train_iterator(config, epoch=0, process_index=0, process_count=1))
+  batches = list(train_it(config, epoch=0, process_index=0, process_count=1))
   assert len(batches) == 4
   assert batches[0]["image"].shape == (64, 28, 28, 1)
   # Normalization brings the data near zero mean and unit variance.
   images = np.concatenate([b["image"] for b in batches])
   assert abs(images.mean()) < 0.3 and 0.7 < images.std() < 1.3
-  out, ev = collect(data.eval_iterator(config, process_index=0, process_count=1))
+  out, ev = collect(eval_it(config, process_index=0, process_count=1))
   assert len(ev) == 2 and out["mask"].sum() == 100
   with gzip.open(os.path.join(FMNIST_DIR, "t10k-images-idx3-ubyte.gz")) as f:
     raw = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28, 1)
@@ -310,7 +321,7 @@ def test_fashion_mnist_real_files(fashion_config):
 def test_fashion_mnist_resized(fashion_config):
   config = make_config(name="fashion_mnist", batch_size=32, train_examples=64,
                        image_size=16, data_dir=fashion_config.data.data_dir)
-  b = next(data.train_iterator(config, epoch=0, process_index=0, process_count=1))
+  b = next(train_it(config, epoch=0, process_index=0, process_count=1))
   assert b["image"].shape == (32, 16, 16, 1)
 
 
@@ -329,16 +340,25 @@ def test_missing_files_raise_one_clear_error(tmp_path, name, expected):
   kw = {"local_dir": str(tmp_path / "empty")} if name == "fashion_mnist" else {}
   config = make_config(name=name, data_dir=str(tmp_path / "tfds"), **kw)
   with pytest.raises(data.DatasetNotFoundError) as e:
-    data.prepare(config)
+    data.prepare(config.data)
   assert isinstance(e.value, FileNotFoundError)
   for s in expected:
     assert s in str(e.value)
   with pytest.raises(data.DatasetNotFoundError):
-    next(data.train_iterator(config, epoch=0, process_index=0, process_count=1))
+    next(train_it(config, epoch=0, process_index=0, process_count=1))
+
+
+def test_the_whole_config_is_refused_with_what_to_pass(cifar):
+  config = cifar[0]
+  with pytest.raises(TypeError, match="pass config.data"):
+    data.get_info(config)
+  with pytest.raises(TypeError, match="pass config.data"):
+    data.train_iterator(config, batch_size=4, seed=0, epoch=0)
+  assert data.get_info(config.data).num_train == 20
 
 
 def test_unknown_url_is_refused_not_fetched():
-  dl = data._OfflineDownloadManager(None, {"https://x/a.gz": "/tmp/a.gz"})
+  dl = data.build.OfflineDownloadManager(None, {"https://x/a.gz": "/tmp/a.gz"})
   assert dl.download({"a": "https://x/a.gz"}) == {"a": "/tmp/a.gz"}
   with pytest.raises(RuntimeError, match="offline"):
     dl.download("https://x/b.gz")
@@ -357,12 +377,12 @@ def test_imagenet_pipeline_under_mock_data(tmp_path):
   config = make_config(name="imagenet2012", data_dir=str(tmp_path / "tfds"),
                        local_dir=str(manual), image_size=32, batch_size=4,
                        train_examples=8, eval_examples=6)
-  info = data.get_info(config)
+  info = data.get_info(config.data)
   assert info.image_shape == (32, 32, 3) and info.num_classes == 1000
   with tfds.testing.mock_data(num_examples=8):
-    batches = list(data.train_iterator(config, epoch=0, process_index=0, process_count=1))
-    again = list(data.train_iterator(config, epoch=0, process_index=0, process_count=1))
-    ev = list(data.eval_iterator(config, process_index=0, process_count=1))
+    batches = list(train_it(config, epoch=0, process_index=0, process_count=1))
+    again = list(train_it(config, epoch=0, process_index=0, process_count=1))
+    ev = list(eval_it(config, process_index=0, process_count=1))
   assert len(batches) == 2
   for b in batches:
     assert b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.float32

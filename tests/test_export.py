@@ -65,7 +65,7 @@ def exported(run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def test_batches(run):
   cfg, _ = run
-  return list(data.eval_iterator(cfg, "test"))
+  return list(data.eval_iterator(cfg.data, "test", batch_size=cfg.batch_size))
 
 
 def test_export_leaves_workdir_untouched(exported):
@@ -119,7 +119,7 @@ def test_size_matches_summary(run, exported, stage):
 def test_predictions_equal_training_model(run, exported, test_batches, stage):
   """Same argmax and logits as the training model in eval mode, float and packed paths."""
   cfg, workdir = run
-  info = data.get_info(cfg)
+  info = data.get_info(cfg.data)
   train_model = models.from_config(cfg, stage, info.num_classes)
   train_apply = jax.jit(lambda v, x: train_model.apply(v, x, train=False))
   variables = checkpoint.load_variables(os.path.join(workdir, stage))

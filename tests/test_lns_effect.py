@@ -139,10 +139,10 @@ def mid_lns(full_run, tmp_path_factory):
 
 def test_train_eval_and_export_use_the_same_signs_bit_for_bit(mid_lns):
   cfg, variables = mid_lns
-  info = data_lib.get_info(cfg)
+  info = data_lib.get_info(cfg.data)
   model = models.from_config(cfg, "lns", info.num_classes)
   layers = binary.weight_binarizers(model, info.image_shape)
-  batch = next(data_lib.eval_iterator(cfg, "test"))
+  batch = next(data_lib.eval_iterator(cfg.data, "test", batch_size=cfg.batch_size))
   x = jnp.asarray(batch["image"])
 
   def sown(train):

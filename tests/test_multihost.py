@@ -191,14 +191,16 @@ def test_each_process_reads_only_its_shard(run):
       got = [r[i]["batches"][f"{stage}/{epoch}"] for i in range(2)]
       for i in range(2):
         want = [_image_hashes(b) for b in data_lib.train_iterator(
-            config, epoch=epoch, process_index=i, process_count=2)]
+            config.data, batch_size=config.batch_size, seed=config.seed, epoch=epoch,
+            process_index=i, process_count=2)]
         assert got[i] == want, (stage, epoch, i)
         assert all(len(b) == config.batch_size // 2 for b in got[i])
       # Disjoint shards that together are the epoch a single process would read.
       mine = [set(sum(g, [])) for g in got]
       assert not mine[0] & mine[1]
       single = set(sum((_image_hashes(b) for b in data_lib.train_iterator(
-          config, epoch=epoch, process_index=0, process_count=1)), []))
+          config.data, batch_size=config.batch_size, seed=config.seed, epoch=epoch,
+          process_index=0, process_count=1)), []))
       assert mine[0] | mine[1] == single
 
 

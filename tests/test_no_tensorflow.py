@@ -36,7 +36,8 @@ def env(tmp_path_factory):
 IMPORTS_AND_STEP = r"""
 import sys
 import lns_jax, lns_jax.trainer, lns_jax.checkpoint, lns_jax.parallel, lns_jax.data
-from lns_jax import config as config_lib, data_numpy
+from lns_jax import config as config_lib
+from lns_jax.data import numpy_loader
 sys.path.insert(0, "benchmarks")
 import train_step, scaling
 
@@ -52,7 +53,7 @@ print("bench_step", r)
 # The TFDS loader says what to do instead.
 c.data.loader = "tfds"
 try:
-  lns_jax.data.prepare(c)
+  lns_jax.data.prepare(c.data)
 except ImportError as e:  # also a ConfigError: train.py prints it as one `error:` line
   assert isinstance(e, config_lib.ConfigError)
   print("TFDS:", e)

@@ -73,15 +73,16 @@ def _run(devices, make_step, state0, batches):
 def runs():
   assert len(jax.devices()) == NUM_DEVICES, "tests/conftest.py sets 8 CPU devices"
   config = smoke_config()  # batch 32 of 128 real Fashion-MNIST images
-  info = data_lib.get_info(config)
+  info = data_lib.get_info(config.data)
   model = _model(config)
   layers = binary.weight_binarizers(model, info.image_shape)
-  spe = data_lib.steps_per_epoch(config)
+  spe = data_lib.steps_per_epoch(config.data, config.batch_size)
   schedule = optim.learning_rate_schedule(config[STAGE], spe)
   tx = optim.make_optimizer(config, STAGE, schedule)
   make_step = lambda mesh: trainer.make_train_step(  # noqa: E731
       _model(config, mesh), tx, config, STAGE, layers, schedule)
-  batches = list(data_lib.train_iterator(config, epoch=0))[:STEPS]
+  batches = list(data_lib.train_iterator(config.data, batch_size=config.batch_size,
+                                         seed=config.seed, epoch=0))[:STEPS]
   state0 = _initial_state(config, model, tx, layers, info.image_shape)
   kernels = {path: binary.subtree(state0.params, path)["kernel"].shape for path in layers}
   return {"config": config, "layers": layers, "kernels": kernels, "params0": state0.params,

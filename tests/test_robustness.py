@@ -92,9 +92,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(full_run, tmp_path
 def _poison(monkeypatch, at_step):
   real = data_lib.train_iterator
 
-  def poisoned(config, *, epoch, start_step=0, **kw):
-    for i, batch in enumerate(real(config, epoch=epoch, start_step=start_step, **kw)):
-      step = epoch * data_lib.steps_per_epoch(config) + start_step + i
+  def poisoned(data, *, batch_size, epoch, start_step=0, **kw):
+    for i, batch in enumerate(real(data, batch_size=batch_size, epoch=epoch,
+                                   start_step=start_step, **kw)):
+      step = epoch * data_lib.steps_per_epoch(data, batch_size) + start_step + i
       if step == at_step:
         batch = dict(batch, image=np.full_like(batch["image"], np.nan))
       yield batch

@@ -2,7 +2,7 @@
 
 :func:`lns_jax.config.base_config` takes the data fields from here, so a config can be
 built (and the model, the train step and the benchmarks run) where TensorFlow and
-TFDS are not installed. ``lns_jax.data.default_data_config`` is the same function.
+TFDS are not installed.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import ml_collections
 # 'tfds': the TFDS builders fed from local files, read with tf.data (every dataset).
 # 'numpy': the original files read with NumPy, the split kept on the device and
 # batched and augmented there with jax.numpy (fashion_mnist, mnist, cifar10); see
-# lns_jax.data_numpy.
+# lns_jax.data.numpy_loader.
 LOADERS = ("tfds", "numpy")
 NUMPY_DATASETS = ("fashion_mnist", "mnist", "cifar10")
 

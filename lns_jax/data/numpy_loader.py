@@ -4,15 +4,15 @@ For the datasets that fit in memory (Fashion-MNIST, MNIST, CIFAR-10) this loader
 neither TensorFlow nor TFDS, and no build step:
 
 * It reads the ORIGINAL files with NumPy, from the same places as the TFDS loader
-  (:func:`lns_jax.data.local_dir`): the four idx ``.gz`` files of (Fashion-)MNIST
+  (:func:`lns_jax.data.specs.local_dir`): the four idx ``.gz`` files of (Fashion-)MNIST
   (Debian's ``/usr/share/datasets/fashion-mnist``, ``<data_dir>/downloads/manual/mnist/``
   or ``config.data.local_dir``) and ``cifar-10-binary.tar.gz``.
 * It puts the examples in the order in which TFDS stores them (TFDS sorts a split by
   the MD5 of the split name and the example's index in the original files), so example
   ``i`` of a split is the same image in both loaders. The epoch permutation
   (``np.random.default_rng((seed, epoch))``), the contiguous per-process shards, the
-  per-example crop/flip draws (:func:`lns_jax.data.crop_flip_np`, the same hash as the
-  TFDS pipeline), the eval padding and masks are those of :mod:`lns_jax.data`.
+  per-example crop/flip draws (:func:`lns_jax.data.augment.crop_flip_np`, the same hash
+  as the TFDS pipeline), the eval padding and masks are those of :mod:`lns_jax.data.splits`.
 * This process's part of a split is kept on its devices (replicated over them, uint8);
   a batch is gathered, cropped, flipped and normalized there by one jitted function,
   and the iterators yield ``jax.Array`` s already laid out over the local devices (split
@@ -43,7 +43,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from lns_jax import data as data_lib
+from lns_jax.data import augment, specs, splits
 
 _CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 _CIFAR_TEST = "test_batch.bin"
@@ -68,7 +68,7 @@ def tfds_order(num_examples: int, split: str) -> np.ndarray:
 
 
 def _bad_file(path: str, why: str):
-  return data_lib.DatasetNotFoundError(f"{path}: {why}; replace it with the original file.")
+  return specs.DatasetNotFoundError(f"{path}: {why}; replace it with the original file.")
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -108,62 +108,55 @@ def read_cifar10(path: str) -> dict:
   return out
 
 
-def _required(name: str, ldir: str) -> list:
-  if name == "cifar10":
-    return [os.path.join(ldir, data_lib._CIFAR10_ARCHIVE)]  # pylint: disable=protected-access
-  return [os.path.join(ldir, f) for pair in _FILES.values() for f in pair]
-
-
 @functools.lru_cache(maxsize=4)
 def load(name: str, ldir: str) -> dict:
   """{'train': (images uint8 NHWC, labels int64), 'test': ...} in TFDS's order, cached."""
   if name == "cifar10":
-    splits = read_cifar10(_required(name, ldir)[0])
+    stored = read_cifar10(specs.required_files(name, ldir)[0])
   else:
-    splits = {}
+    stored = {}
     for split, (images, labels) in _FILES.items():
       im = read_idx(os.path.join(ldir, images))
       lb = read_idx(os.path.join(ldir, labels))
       if im.ndim != 3 or lb.ndim != 1 or len(im) != len(lb):
         raise _bad_file(os.path.join(ldir, images),
                         f"{im.shape} images do not match {lb.shape} labels")
-      splits[split] = (im[..., None], lb)
+      stored[split] = (im[..., None], lb)
   out = {}
-  for split, (im, lb) in splits.items():
+  for split, (im, lb) in stored.items():
     order = tfds_order(len(lb), split)
     out[split] = (np.ascontiguousarray(im[order]), lb[order].astype(np.int64))
   return out
 
 
-def _check(config):
-  cfg = data_lib._data_cfg(config)  # pylint: disable=protected-access
-  data_lib._loader(cfg)  # pylint: disable=protected-access  # 'numpy' with imagenet2012: error
-  return cfg, data_lib.local_dir(config)
+def _check(data):
+  data = specs.merged(data)
+  specs.loader(data)  # 'numpy' with imagenet2012: a config error
+  return data, specs.local_dir(data)
 
 
-def prepare(config) -> None:
+def prepare(data) -> None:
   """Checks that the original files are there and reads them (once, cached).
 
   Raises:
     DatasetNotFoundError: a file is missing (the same message as the TFDS loader's,
       naming the files and where to put them) or is not in the original format.
   """
-  cfg, ldir = _check(config)
-  missing = [p for p in _required(cfg.name, ldir) if not os.path.isfile(p)]
+  data, ldir = _check(data)
+  missing = [p for p in specs.required_files(data.name, ldir) if not os.path.isfile(p)]
   if missing:
-    raise data_lib.DatasetNotFoundError(
-        data_lib._not_found_message(cfg, ldir, missing))  # pylint: disable=protected-access
-  load(cfg.name, ldir)
+    raise specs.DatasetNotFoundError(specs.not_found_message(data, ldir, missing))
+  load(data.name, ldir)
 
 
-def split_sizes(config) -> tuple:
+def split_sizes(data) -> tuple:
   """(train, test) sizes from the files, or the nominal sizes while they are missing."""
-  cfg, ldir = _check(config)
-  if not all(os.path.isfile(p) for p in _required(cfg.name, ldir)):
-    spec = data_lib._spec(cfg.name)  # pylint: disable=protected-access
+  data, ldir = _check(data)
+  if not all(os.path.isfile(p) for p in specs.required_files(data.name, ldir)):
+    spec = specs.spec(data.name)
     return spec.num_train, spec.num_test
-  splits = load(cfg.name, ldir)
-  return len(splits["train"][1]), len(splits["test"][1])
+  stored = load(data.name, ldir)
+  return len(stored["train"][1]), len(stored["test"][1])
 
 
 def clear_cache() -> None:
@@ -208,7 +201,7 @@ def _batch_fn(name: str, augment: bool, size: int, out_sharding):
   """jit(images, labels, plan, step, mean, std) -> batch; plan rows: index, dy, dx, flip, mask."""
   import jax
   import jax.numpy as jnp
-  spec = data_lib._spec(name)  # pylint: disable=protected-access
+  spec = specs.spec(name)
   h, w, c = spec.native_shape
   p = spec.pad
 
@@ -216,7 +209,7 @@ def _batch_fn(name: str, augment: bool, size: int, out_sharding):
     index, oy, ox, flip, mask = plan[step]
     x = images[index]  # (B, H, W, C) uint8
     if augment:
-      # Zero-pad, then per-example windows as gathers: the crop/flip of data._small_batch_fn.
+      # Zero-pad, then per-example windows as gathers: augment.small_batch_fn's crop/flip.
       x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
       rows = oy[:, None] + jnp.arange(h)[None]
       cols = ox[:, None] + jnp.arange(w)[None]
@@ -236,61 +229,51 @@ def _batch_fn(name: str, augment: bool, size: int, out_sharding):
                                      "mask": out_sharding})
 
 
-def _batches(config, split: str, a: int, b: int, plan: np.ndarray, bs: int,
+def _batches(data, split: str, a: int, b: int, plan: np.ndarray, bs: int,
              train: bool, first: int) -> Iterator[dict]:
   """Yields the batches ``first..`` of ``plan`` (absolute indices in [a, b), ...)."""
   import jax
-  cfg = data_lib._data_cfg(config)  # pylint: disable=protected-access
   replicated, batched = _shardings(_local_devices(), bs)
-  images, labels = _on_devices(cfg.name, data_lib.local_dir(config), split, a, b, replicated)
+  images, labels = _on_devices(data.name, specs.local_dir(data), split, a, b, replicated)
   steps = plan.shape[1] // bs
   plan = plan.copy()
   plan[0] -= a  # indices into the device-resident shard
   plan = plan.reshape(5, steps, bs).transpose(1, 0, 2).astype(np.int32)
   plan = jax.device_put(plan[first:], replicated)
-  fn = _batch_fn(cfg.name, bool(train and cfg.augment),
-                 data_lib._image_size(cfg), batched)  # pylint: disable=protected-access
-  spec = data_lib._spec(cfg.name)  # pylint: disable=protected-access
+  fn = _batch_fn(data.name, bool(train and data.augment), specs.image_size(data), batched)
+  spec = specs.spec(data.name)
   mean, std = jax.device_put((np.float32(spec.mean), np.float32(spec.std)), replicated)
   for s in range(steps - first):
     yield fn(images, labels, plan, s, mean, std)
 
 
-def train_iterator(config, *, epoch: int, start_step: int = 0,
+def train_iterator(data, *, batch_size: int, seed: int, epoch: int, start_step: int = 0,
                    process_index: Optional[int] = None,
                    process_count: Optional[int] = None) -> Iterator[dict]:
   """:func:`lns_jax.data.train_iterator`'s batches, made on the device (see the module doc)."""
-  prepare(config)
-  cfg = data_lib._data_cfg(config)  # pylint: disable=protected-access
-  pi, pc = data_lib._process(process_index, process_count)  # pylint: disable=protected-access
-  bs = data_lib._local_batch(config, pc)  # pylint: disable=protected-access
-  steps = data_lib.steps_per_epoch(config, process_count=pc)
+  prepare(data)
+  data = specs.merged(data)
+  pi, pc = splits.process(process_index, process_count)
+  bs = splits.local_batch(batch_size, pc)
+  steps = splits.steps_per_epoch(data, batch_size, process_count=pc)
   if not 0 <= start_step <= steps:
     raise ValueError(f"start_step {start_step} not in [0, {steps}].")
-  split, a, b = data_lib._train_shard(config, pi, pc)  # pylint: disable=protected-access
-  # The TFDS loader's order: a NumPy permutation seeded by (seed, epoch).
-  rng = np.random.default_rng(np.random.SeedSequence([int(config.seed), int(epoch)]))
-  index = (a + rng.permutation(b - a))[:steps * bs]
-  oy, ox, flip = data_lib.crop_flip_np(
-      cfg.name, data_lib._epoch_seed(config.seed, epoch), index)  # pylint: disable=protected-access
+  stored, a, b = splits.train_shard(data, pi, pc)
+  index = splits.epoch_order(seed, epoch, a, b, steps * bs)  # the TFDS loader's order
+  oy, ox, flip = augment.crop_flip_np(data.name, augment.epoch_seed(seed, epoch), index)
   plan = np.stack([index, oy, ox, flip, np.ones_like(index)])
-  return _batches(config, split, a, b, plan, bs, True, start_step)
+  return _batches(data, stored, a, b, plan, bs, True, start_step)
 
 
-def eval_iterator(config, split: str = "test", *,
+def eval_iterator(data, split: str = "test", *, batch_size: int,
                   process_index: Optional[int] = None,
                   process_count: Optional[int] = None) -> Iterator[dict]:
   """:func:`lns_jax.data.eval_iterator`'s batches (padding ``mask`` 0), made on the device."""
-  prepare(config)
-  pi, pc = data_lib._process(process_index, process_count)  # pylint: disable=protected-access
-  bs = data_lib._local_batch(config, pc)  # pylint: disable=protected-access
-  tfds_split, start, stop = data_lib._eval_split(config, split)  # pylint: disable=protected-access
-  n = stop - start
-  a, b = start + pi * n // pc, start + (pi + 1) * n // pc
-  steps = data_lib.eval_steps(config, split, process_count=pc)
-  num_pad = steps * bs - (b - a)
-  index = np.concatenate([np.arange(a, b), np.full(num_pad, a)])
-  mask = np.concatenate([np.ones(b - a, np.int64), np.zeros(num_pad, np.int64)])
+  prepare(data)
+  data = specs.merged(data)
+  pi, pc = splits.process(process_index, process_count)
+  bs = splits.local_batch(batch_size, pc)
+  stored, a, b, index, mask = splits.eval_plan(data, split, batch_size, pi, pc)
   zeros = np.zeros_like(index)
   plan = np.stack([index, zeros, zeros, zeros, mask])
-  return _batches(config, tfds_split, a, b, plan, bs, False, 0)
+  return _batches(data, stored, a, b, plan, bs, False, 0)
