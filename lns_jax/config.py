@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.input_binarizer = "ste_sign"
   c.model.weight_scale = "layer"
   c.model.clip = 1.0                 # STE clip of activations and latent weights (Eq. 3)
+  c.model.conv = "xla"               # binary convs: 'xla' | 'packed' (XNOR/popcount forward) | 'auto' (lns_jax.xnor_conv)
 
   c.mapping = ml_collections.ConfigDict()
   c.mapping.output = "raw"           # DESIGN decision 1
@@ -244,7 +245,7 @@ def _check_keys(config, reference, prefix="", root=None):
 
 def validate(config, num_devices: int = 1) -> None:
   """Checks every field; raises :class:`ConfigError` naming the first bad one."""
-  from lns_jax import data_config, loss, mapping, quantizers
+  from lns_jax import data_config, loss, mapping, quantizers, xnor_conv
   from lns_jax.models import MODELS
 
   _check_keys(config, base_config())
@@ -262,6 +263,7 @@ def validate(config, num_devices: int = 1) -> None:
   _check_choice(config, "model.input_binarizer", INPUT_BINARIZERS)
   _check_choice(config, "model.weight_scale", WEIGHT_SCALES)
   _check_number(config, "model.clip", low=0, low_open=True)
+  _check_choice(config, "model.conv", xnor_conv.CONV_IMPLS)
   _check_choice(config, "mapping.output", MAPPING_OUTPUTS)
   _check_number(config, "mapping.clip", low=0, low_open=True)
   _check_choice(config, "mapping.ste", quantizers.MAPPING_STES)

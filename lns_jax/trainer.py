@@ -98,7 +98,7 @@ def build_model(config, stage: str, num_classes: int, mesh=None):
                    weight_scale=config.model.weight_scale, clip=config.model.clip,
                    mapping_output=config.mapping.output, mapping_clip=config.mapping.clip,
                    mapping_ste=config.mapping.ste, mapping_init=config.mapping.init,
-                   mapping_sharding=sharding)
+                   mapping_sharding=sharding, conv=config.model.get("conv", "xla"))
 
 
 def binary_layers(model: nn.Module, image_shape) -> Dict[Tuple[str, ...], str]:
