@@ -75,9 +75,13 @@ class BinaryConv(nn.Module):
     binarize_input = quantizers.get_input_binarizer(self.input_binarizer)
     kernel = self.param("kernel", self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
-    x = binarize_input(x)
     packed = (xnor_conv.resolve(self.conv) == "packed" and self.weight_binarizer != "float"
               and self.input_binarizer != "none" and jnp.dtype(self.dtype) == jnp.float32)
+    # ste_sign is folded into the packed conv (1-bit residuals); others binarize first.
+    fold_ste = packed and self.input_binarizer == "ste_sign"
+    x_real = x
+    if not fold_ste:
+      x = binarize_input(x)
     scale = None
     if self.weight_binarizer == "float":
       w = kernel
@@ -93,7 +97,11 @@ class BinaryConv(nn.Module):
       if not self.is_initializing():  # init must not leave stale pairs in the variables
         self.sow(LNS_COLLECTION, "pairs", (q_hat, q_tilde))
       w = quantizers.mapping_sign(q_hat, self.mapping_ste, self.mapping_clip)
-    if packed:
+    if fold_ste:
+      # The clip binarize_input uses: ste_sign's default (1.0), not self.clip.
+      y = xnor_conv.ste_binary_conv(x_real.astype(jnp.float32), w, scale, 1.0,
+                                    self.strides, self.padding)
+    elif packed:
       y = xnor_conv.binary_conv(x.astype(jnp.float32), w, scale, self.strides, self.padding)
     else:
       if scale is not None:

@@ -7,7 +7,9 @@ HWIO, as :func:`lns_jax.layers.conv2d`) for ±1 inputs ``xb`` and ±1 weights ``
   :func:`lns_jax.bitpack.xnor_conv2d_packed` in int32 (exact: an integer sum of ±1
   products), times ``scale`` once;
 * saved for the backward pass: the packed ``xb`` (1 bit per activation, 32x less than
-  the float32 ±1 tensor autodiff keeps), ``wb`` and ``scale``;
+  the float32 ±1 tensor autodiff keeps), ``wb`` and ``scale``; :func:`ste_binary_conv`
+  takes the real input and folds in ``ste_sign``, keeping the bits of ``1{|x| <= clip}``
+  instead of the float input ``ste_sign`` keeps for its mask;
 * backward: the gradients autodiff gives the float path, ``d xb = conv^T(g, wb * scale)``
   and ``d wb = conv_w(xb, g) * scale``, by the same XLA convolutions on the same values
   (``xb`` unpacked bit for bit), so they equal the float path's to float rounding;
@@ -89,6 +91,33 @@ def _bwd(strides, padding, res, g):
 _binary_conv.defvjp(_fwd, _bwd)
 
 
+# The same conv with the input's sign and its clipped STE (quantizers.ste_sign) folded in:
+# the backward needs only the bits of sign(x) and of 1{|x| <= clip}, so nothing of the
+# float input is kept (ste_sign alone keeps x itself for its mask).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _ste_binary_conv(x, wb, scale, clip, strides, padding):
+  y, _ = _ste_fwd(x, wb, scale, clip, strides, padding)
+  return y
+
+
+def _ste_fwd(x, wb, scale, clip, strides, padding):
+  y, (xp, wb, scale) = _fwd(x, wb, scale, strides, padding)
+  mp = None if clip is None else bitpack.pack_bits(jnp.abs(x) <= clip, axis=-1)
+  return y, (xp, mp, wb, scale)
+
+
+def _ste_bwd(clip, strides, padding, res, g):
+  xp, mp, wb, scale = res
+  dx, dw, ds = _bwd(strides, padding, (xp, wb, scale), g)
+  if mp is not None:
+    inside = bitpack.unpack_bits(mp, wb.shape[2], axis=-1, dtype=dx.dtype) > 0
+    dx = jnp.where(inside, dx, jnp.zeros_like(dx))
+  return dx, dw, ds
+
+
+_ste_binary_conv.defvjp(_ste_fwd, _ste_bwd)
+
+
 def binary_conv(xb: Array, wb: Array, scale, strides=(1, 1),
                 padding: Padding = "SAME") -> Array:
   """``conv(xb, wb * scale)`` of ±1 ``xb`` (NHWC) and ±1 ``wb`` (HWIO) on packed bits.
@@ -104,3 +133,22 @@ def binary_conv(xb: Array, wb: Array, scale, strides=(1, 1),
   scale = jnp.asarray(scale, xb.dtype)
   strides, padding = _static(strides, padding)
   return _binary_conv(xb, wb.astype(xb.dtype), scale, strides, padding)
+
+
+def ste_binary_conv(x: Array, wb: Array, scale, clip=1.0, strides=(1, 1),
+                    padding: Padding = "SAME") -> Array:
+  """``binary_conv(ste_sign(x, clip), wb, scale)`` with 1-bit residuals only.
+
+  ``x`` is the real input (NHWC): its sign (``sign(0) = +1``) is convolved, and its
+  gradient is the conv's times ``1{|x| <= clip}`` (``clip=None``: unmasked), exactly
+  :func:`lns_jax.quantizers.ste_sign`'s rule.
+  """
+  x, wb = jnp.asarray(x), jnp.asarray(wb)
+  if x.ndim != 4 or wb.ndim != 4 or x.shape[-1] != wb.shape[2]:
+    raise ValueError(f"expected NHWC input and HWIO kernel with matching channels, got "
+                     f"{x.shape} and {wb.shape}.")
+  if clip is not None:
+    clip = float(clip)
+  scale = jnp.asarray(scale, x.dtype)
+  strides, padding = _static(strides, padding)
+  return _ste_binary_conv(x, wb.astype(x.dtype), scale, clip, strides, padding)

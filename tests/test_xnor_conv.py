@@ -61,6 +61,27 @@ def test_forward_and_gradients_match_the_float_conv(shape, c_out, strides, paddi
   np.testing.assert_allclose(gw_p, gw_f, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("clip", [1.0, 0.5, None])
+def test_ste_binary_conv_equals_ste_sign_then_float_conv(clip):
+  from lns_jax import quantizers
+  rng = np.random.default_rng(3)
+  # Values on the clip boundary, at 0 and -0.0 included.
+  x = jnp.asarray(rng.choice([-2.0, -1.0, -0.5, -0.0, 0.0, 0.3, 0.5, 1.0, 1.5],
+                             (2, 6, 6, 20)), jnp.float32)
+  wb = _pm1(rng, (3, 3, 20, 7))
+  scale = jnp.float32(0.61)
+  r = jnp.asarray(rng.standard_normal((2, 6, 6, 7)), jnp.float32)
+  packed = lambda x, w: jnp.sum(r * xnor_conv.ste_binary_conv(x, w, scale, clip))
+  ref = lambda x, w: jnp.sum(r * _float(quantizers.ste_sign(x, clip), w, scale, (1, 1), "SAME"))
+  vp, (gxp, gwp) = jax.jit(jax.value_and_grad(packed, argnums=(0, 1)))(x, wb)
+  vr, (gxr, gwr) = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(x, wb)
+  np.testing.assert_allclose(vp, vr, rtol=1e-5, atol=1e-4)  # a sum with cancellation
+  np.testing.assert_allclose(gxp, gxr, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gwp, gwr, rtol=1e-5, atol=1e-5)
+  if clip is not None:  # the mask is exact: zero outside the window
+    assert np.all(np.asarray(gxp)[np.abs(np.asarray(x)) > clip] == 0)
+
+
 def test_bad_shapes_and_impls_raise():
   with pytest.raises(ValueError):
     xnor_conv.binary_conv(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 2, 4)), 1.0)
@@ -72,10 +93,12 @@ def test_bad_shapes_and_impls_raise():
 
 @pytest.mark.parametrize("weights", ["sign", "lns"])
 @pytest.mark.parametrize("scale", ["layer", "channel"])
-def test_binary_conv_layer_packed_equals_xla(weights, scale):
+@pytest.mark.parametrize("inputs", ["ste_sign", "approx_sign"])
+def test_binary_conv_layer_packed_equals_xla(weights, scale, inputs):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((2, 6, 6, 8)), jnp.float32)
-  kw = dict(features=12, strides=(2, 2), weight_binarizer=weights, weight_scale=scale)
+  kw = dict(features=12, strides=(2, 2), weight_binarizer=weights, weight_scale=scale,
+            input_binarizer=inputs)
   ref, packed = BinaryConv(conv="xla", **kw), BinaryConv(conv="packed", **kw)
   variables = ref.init(jax.random.key(0), x, train=False)
 
