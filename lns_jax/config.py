@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.input_binarizer = "ste_sign"
   c.model.weight_scale = "layer"
   c.model.clip = 1.0                 # STE clip of activations and latent weights (Eq. 3)
-  c.model.conv = "xla"               # binary convs: 'xla' | 'packed' (XNOR/popcount forward) | 'auto' (lns_jax.xnor_conv)
+  c.model.conv = "auto"              # binary convs: 'xla' | 'packed' (XNOR/popcount forward) | 'auto' (lns_jax.xnor_conv)
 
   c.mapping = ml_collections.ConfigDict()
   c.mapping.output = "raw"           # DESIGN decision 1
