@@ -21,8 +21,10 @@ integer sum once. ``xb`` and ``wb`` must be ±1 (``sign`` outputs, ``sign(0) = +
 any other value is taken by its sign, so this is not a general conv.
 
 Speed (``benchmarks/train_step.py``, rows 'packed'): on the 2-core AVX-512 VPOPCNTDQ
-CPU the packed forward of ResNet-20's layers is 3-6x faster than XLA:CPU's float conv;
-on a GPU/TPU expect the opposite, hence ``config.model.conv='auto'`` packs on CPU only.
+CPU the packed forward of ResNet-20's layers is 3-6x faster than XLA:CPU's float conv
+and the whole step ~1.2x. Not measured on a GPU/TPU, whose float convs are far faster
+than their elementwise popcounts are likely to be: ``config.model.conv='auto'`` packs on
+a CPU backend only.
 """
 
 from __future__ import annotations
