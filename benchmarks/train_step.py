@@ -4,9 +4,14 @@
   python benchmarks/train_step.py --r18_batch=256 --steps=20   # on a GPU
   python benchmarks/train_step.py --r18_batch=256 --steps=0 --skip_input  # compile only
 
-Prints a Markdown table: ms/step, images/s, compile time and peak memory of the
-jitted train step of each stage kind, the LNS/baseline ratio, then the input
-pipeline's wait on real Fashion-MNIST, and the machine and versions.
+Prints a Markdown table: ms/step (median, min-max), images/s, compile time and peak
+memory of the jitted train step of each stage kind and each ``--conv`` variant, the
+LNS/baseline ratio and the ratio to ``conv=xla``, then the input pipeline's wait on
+real Fashion-MNIST, and the machine and versions. All rows of one model are timed in
+one loop that runs a step of each in turn, so the ratios hold on a loaded machine.
+
+  python benchmarks/train_step.py --fmnist_batch=0 --skip_r18 --skip_input --steps=20
+                                                  # the ResNet-20 CIFAR rows only
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def make_config(model, image_size, channels, batch):
   return c
 
 
-def bench_step(config, stage, image_shape, num_classes, steps, warmup=2):
+def prepare_step(config, stage, image_shape, num_classes):
+  """Compiles the jitted train step of ``stage``; returns a dict with ``run()``."""
   mesh = parallel.make_mesh()
   model = models.from_config(config, stage, num_classes)
   layers = binary.weight_binarizers(model, image_shape)
@@ -62,16 +68,6 @@ def bench_step(config, stage, image_shape, num_classes, steps, warmup=2):
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  times = []
-  for _ in range(warmup if steps else 0):
-    state, m = compiled(state, batch)
-  jax.block_until_ready(state)
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready((state, m))
-    times.append(time.perf_counter() - t)
-  ms = 1000 * statistics.median(times) if times else float("nan")
   mem = compiled.memory_analysis()
   peak = None
   if mem is not None:
@@ -80,8 +76,39 @@ def bench_step(config, stage, image_shape, num_classes, steps, warmup=2):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gflop = cost.get("flops", float("nan")) / 1e9 if cost else float("nan")
-  return {"ms": ms, "ips": config.batch_size / ms * 1000, "compile_s": compile_s,
-          "peak_mib": peak, "gflop": gflop}
+  box = {"state": state}
+
+  def run():
+    t = time.perf_counter()
+    box["state"], m = compiled(box["state"], batch)
+    jax.block_until_ready((box["state"], m))
+    return time.perf_counter() - t
+
+  return {"run": run, "compile_s": compile_s, "peak_mib": peak, "gflop": gflop,
+          "batch": config.batch_size, "times": []}
+
+
+def time_alternating(cases, steps, warmup=2):
+  """Times ``steps`` steps of every prepared case, one step of each in turn, so that a
+  change in the machine's load falls on all of them alike; fills ms, ips, ms_range."""
+  for c in cases:
+    for _ in range(warmup if steps else 0):
+      c["run"]()
+  for _ in range(steps):
+    for c in cases:
+      c["times"].append(c["run"]())
+  for c in cases:
+    ts = c["times"]
+    c["ms"] = 1000 * statistics.median(ts) if ts else float("nan")
+    c["ips"] = c["batch"] / c["ms"] * 1000
+    c["ms_range"] = (1000 * min(ts), 1000 * max(ts)) if ts else None
+
+
+def bench_step(config, stage, image_shape, num_classes, steps, warmup=2):
+  """One step kind on its own: ``{'ms', 'ips', 'compile_s', 'peak_mib', 'gflop'}``."""
+  r = prepare_step(config, stage, image_shape, num_classes)
+  time_alternating([r], steps, warmup)
+  return {k: r[k] for k in ("ms", "ips", "compile_s", "peak_mib", "gflop")}
 
 
 def input_wait(batch, steps, loader="tfds", local_dir=None):
@@ -132,6 +159,10 @@ def main():
   p.add_argument("--r18_size", type=int, default=224)
   p.add_argument("--skip_r18", action="store_true")
   p.add_argument("--skip_input", action="store_true")
+  p.add_argument("--conv", default="xla,packed",
+                 help="comma-separated config.model.conv values, a row pair each: 'xla' "
+                      "(XLA's float conv of the ±1 values), 'packed' (XNOR/popcount forward, "
+                      "lns_jax.xnor_conv), 'auto'")
   p.add_argument("--loader", choices=("tfds", "numpy"), default=None,
                  help="input pipeline of the input-wait row (config.data.loader); default "
                       "'tfds', or 'numpy' where TensorFlow is not installed")
@@ -150,22 +181,33 @@ def main():
     cases.append(("resnet20", 28, 1, args.fmnist_batch, 10))
   if not args.skip_r18:
     cases.append(("resnet18", args.r18_size, 3, r18_batch, 1000))
-  print("| model | input | batch | step | ms/step | images/s | GFLOP/step | compile s | peak MiB "
-        "| LNS/baseline |")
-  print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+  convs = args.conv.split(",")
+  print("| model | input | batch | step | conv | ms/step (range) | images/s | GFLOP/step "
+        "| compile s | peak MiB | LNS/baseline | vs conv=xla |")
+  print("|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
   for model, size, ch, batch, classes in cases:
-    c = make_config(model, size, ch, batch)
-    base = None
-    for stage, label in (("pretrain", "baseline (sign)"), ("lns", "LNS (Eq. 21)")):
-      r = bench_step(c, stage, (size, size, ch), classes, args.steps)
-      base = base or r
-      # Compile-only runs have no time: compare the compiled FLOPs instead.
-      ratio = (f"{r['ms'] / base['ms']:.2f}x" if args.steps
-               else f"{r['gflop'] / base['gflop']:.2f}x (FLOPs)")
+    rows = []
+    for conv in convs:
+      c = make_config(model, size, ch, batch)
+      c.model.conv = conv
+      for stage, label in (("pretrain", "baseline (sign)"), ("lns", "LNS (Eq. 21)")):
+        rows.append((conv, stage, label, prepare_step(c, stage, (size, size, ch), classes)))
+    # Every variant of a model in one alternating loop: under a changing load the
+    # ratios stay comparable even when the absolute times are not.
+    time_alternating([r for *_, r in rows], args.steps)
+    by = {(conv, stage): r for conv, stage, _, r in rows}
+    for conv, stage, label, r in rows:
+      def ratio(other):
+        if args.steps:
+          return f"{r['ms'] / other['ms']:.2f}x"
+        return f"{r['gflop'] / other['gflop']:.2f}x (FLOPs)"  # compile-only: no time
       peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
-      timed = (f"{r['ms']:.1f} | {r['ips']:.0f}" if args.steps else "not run | -")
-      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {timed} | "
-            f"{r['gflop']:.1f} | {r['compile_s']:.1f} | {peak} | {ratio} |", flush=True)
+      timed = (f"{r['ms']:.1f} ({r['ms_range'][0]:.0f}-{r['ms_range'][1]:.0f}) | {r['ips']:.0f}"
+               if args.steps else "not run | -")
+      vs_xla = ratio(by[("xla", stage)]) if ("xla", stage) in by else "-"
+      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {conv} | {timed} | "
+            f"{r['gflop']:.1f} | {r['compile_s']:.1f} | {peak} | {ratio(by[(conv, 'pretrain')])} "
+            f"| {vs_xla} |", flush=True)
   print(f"\nprocess peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
   if not args.skip_input:
     loader = args.loader or ("tfds" if importlib.util.find_spec("tensorflow") else "numpy")

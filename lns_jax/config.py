@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.input_binarizer = "ste_sign"
   c.model.weight_scale = "layer"
   c.model.clip = 1.0                 # STE clip of activations and latent weights (Eq. 3)
+  c.model.conv = "auto"              # binary convs: 'xla' | 'packed' (XNOR/popcount forward) | 'auto' (lns_jax.xnor_conv)
 
   c.mapping = ml_collections.ConfigDict()
   c.mapping.output = "raw"           # DESIGN decision 1
@@ -261,12 +262,13 @@ def _validate_stages(config) -> list:
 
 
 def _validate_model(config) -> None:
-  from lns_jax import mapping, quantizers
+  from lns_jax import mapping, quantizers, xnor_conv
   from lns_jax.models import MODELS
   _check_choice(config, "model.name", sorted(MODELS))
   _check_choice(config, "model.input_binarizer", tuple(quantizers.INPUT_BINARIZERS))
   _check_choice(config, "model.weight_scale", quantizers.WEIGHT_SCALES)
   _check_number(config, "model.clip", low=0, low_open=True)
+  _check_choice(config, "model.conv", xnor_conv.CONV_IMPLS)
   _check_choice(config, "mapping.output", mapping.MAPPING_OUTPUTS)
   _check_number(config, "mapping.clip", low=0, low_open=True)
   _check_choice(config, "mapping.ste", quantizers.MAPPING_STES)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lns_jax import quantizers
+from lns_jax import quantizers, xnor_conv
 from lns_jax.mapping import MappingNet
 
 Array = jax.Array
@@ -43,6 +43,11 @@ class BinaryConv(nn.Module):
       (:func:`lns_jax.quantizers.mapping_sign`; DESIGN decision 1 in the README).
   The scale ``s`` (``weight_scale``) is computed from the latent ``W`` under
   ``stop_gradient``, as DoReFa does, so gradients to ``W`` are exactly the STE's.
+  ``conv`` (``config.model.conv``): ``'xla'`` is XLA's float conv of the ±1 values,
+  ``'packed'`` the XNOR/popcount forward with 1-bit residuals
+  (:mod:`lns_jax.xnor_conv`; same gradients), ``'auto'`` packed on a CPU backend.
+  Packing applies when both inputs and weights are binary (not ``'float'``/``'none'``)
+  and ``dtype`` is float32.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -58,6 +63,7 @@ class BinaryConv(nn.Module):
   mapping_ste: str = "clip_grad"
   mapping_init: str = "random"
   mapping_sharding: Any = None  # MappingNet.filter_sharding: split f_theta over devices
+  conv: str = "xla"  # 'xla' | 'packed' | 'auto' (lns_jax.xnor_conv)
   kernel_init: Callable = nn.initializers.kaiming_normal()
   dtype: Any = jnp.float32
 
@@ -69,11 +75,20 @@ class BinaryConv(nn.Module):
     binarize_input = quantizers.get_input_binarizer(self.input_binarizer)
     kernel = self.param("kernel", self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
-    x = binarize_input(x)
+    packed = (xnor_conv.resolve(self.conv) == "packed" and self.weight_binarizer != "float"
+              and self.input_binarizer != "none" and jnp.dtype(self.dtype) == jnp.float32)
+    # ste_sign is folded into the packed conv (1-bit residuals); others binarize first.
+    fold_ste = packed and self.input_binarizer == "ste_sign"
+    x_real = x
+    if not fold_ste:
+      x = binarize_input(x)
+    scale = None
     if self.weight_binarizer == "float":
       w = kernel
     elif self.weight_binarizer == "sign":
-      w = quantizers.binarize_weights(kernel, self.weight_scale, self.clip)
+      # = quantizers.binarize_weights(kernel, ...): ste_sign(W) * s, s under stop_gradient
+      w = quantizers.ste_sign(kernel, self.clip)
+      scale = lax.stop_gradient(quantizers.weight_scale(kernel, self.weight_scale))
     else:
       scale = lax.stop_gradient(quantizers.weight_scale(kernel, self.weight_scale))
       q_hat = MappingNet(output=self.mapping_output, start=self.mapping_init,
@@ -81,8 +96,17 @@ class BinaryConv(nn.Module):
       q_tilde = lax.stop_gradient(quantizers.sign(kernel))
       if not self.is_initializing():  # init must not leave stale pairs in the variables
         self.sow(LNS_COLLECTION, "pairs", (q_hat, q_tilde))
-      w = quantizers.mapping_sign(q_hat, self.mapping_ste, self.mapping_clip) * scale
-    y = conv2d(x.astype(self.dtype), w.astype(self.dtype), self.strides, self.padding)
+      w = quantizers.mapping_sign(q_hat, self.mapping_ste, self.mapping_clip)
+    if fold_ste:
+      # The clip binarize_input uses: ste_sign's default (1.0), not self.clip.
+      y = xnor_conv.ste_binary_conv(x_real.astype(jnp.float32), w, scale, 1.0,
+                                    self.strides, self.padding)
+    elif packed:
+      y = xnor_conv.binary_conv(x.astype(jnp.float32), w, scale, self.strides, self.padding)
+    else:
+      if scale is not None:
+        w = w * scale
+      y = conv2d(x.astype(self.dtype), w.astype(self.dtype), self.strides, self.padding)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     return y

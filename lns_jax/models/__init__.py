@@ -58,7 +58,7 @@ def from_config(config, weights: str, num_classes: int, mesh=None):
                   mapping_sharding=sharding)
   return get_model(m.name, num_classes=num_classes, weight_binarizer=weights,
                    input_binarizer=m.input_binarizer, weight_scale=m.weight_scale,
-                   clip=m.clip, **kwargs)
+                   clip=m.clip, conv=m.get("conv", "xla"), **kwargs)
 
 
 def check_input_shape(config, num_classes: int, image_shape) -> None:

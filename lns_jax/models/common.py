@@ -25,6 +25,7 @@ class BinaryNet(nn.Module):
   mapping_ste: str = "clip_grad"
   mapping_init: str = "random"
   mapping_sharding: Any = None
+  conv: str = "xla"  # BinaryConv.conv: 'xla' | 'packed' | 'auto' (config.model.conv)
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
@@ -35,7 +36,7 @@ class BinaryNet(nn.Module):
                   clip=self.clip, mapping_output=self.mapping_output,
                   mapping_clip=self.mapping_clip, mapping_ste=self.mapping_ste,
                   mapping_init=self.mapping_init, mapping_sharding=self.mapping_sharding,
-                  dtype=self.dtype)
+                  conv=self.conv, dtype=self.dtype)
     kwargs.update(overrides)
     return functools.partial(BinaryConv, **kwargs)
 
