@@ -52,6 +52,10 @@ def worker(args):
   config.model.name = args.model
   config.batch_size = args.batch
   config.mapping.shard = not args.no_mapping_shard
+  # XLA's float conv, the one a GPU or TPU runs ('auto' packs on a CPU, whose popcount
+  # ops XLA's cost analysis counts differently): the per-device FLOPs compare across
+  # platforms and with the README's figures.
+  config.model.conv = "xla"
   config_lib.validate(config, num_devices=len(devices))
   shape = (args.image_size, args.image_size, 3)
   rng = np.random.default_rng(0)
