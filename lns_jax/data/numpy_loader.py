@@ -253,12 +253,8 @@ def train_iterator(data, *, batch_size: int, seed: int, epoch: int, start_step: 
   """:func:`lns_jax.data.train_iterator`'s batches, made on the device (see the module doc)."""
   prepare(data)
   data = specs.merged(data)
-  pi, pc = splits.process(process_index, process_count)
-  bs = splits.local_batch(batch_size, pc)
-  steps = splits.steps_per_epoch(data, batch_size, process_count=pc)
-  if not 0 <= start_step <= steps:
-    raise ValueError(f"start_step {start_step} not in [0, {steps}].")
-  stored, a, b = splits.train_shard(data, pi, pc)
+  (stored, a, b), bs, steps = splits.train_layout(data, batch_size, start_step,
+                                                  process_index, process_count)
   index = splits.epoch_order(seed, epoch, a, b, steps * bs)  # the TFDS loader's order
   oy, ox, flip = augment.crop_flip_np(data.name, augment.epoch_seed(seed, epoch), index)
   plan = np.stack([index, oy, ox, flip, np.ones_like(index)])
@@ -270,10 +266,8 @@ def eval_iterator(data, split: str = "test", *, batch_size: int,
                   process_count: Optional[int] = None) -> Iterator[dict]:
   """:func:`lns_jax.data.eval_iterator`'s batches (padding ``mask`` 0), made on the device."""
   prepare(data)
-  data = specs.merged(data)
-  pi, pc = splits.process(process_index, process_count)
-  bs = splits.local_batch(batch_size, pc)
-  stored, a, b, index, mask = splits.eval_plan(data, split, batch_size, pi, pc)
+  stored, a, b, index, mask, bs = splits.eval_plan(specs.merged(data), split, batch_size,
+                                                   process_index, process_count)
   zeros = np.zeros_like(index)
   plan = np.stack([index, zeros, zeros, zeros, mask])
   return _batches(data, stored, a, b, plan, bs, False, 0)

@@ -155,12 +155,9 @@ def train_iterator(data, *, batch_size: int, seed: int, epoch: int, start_step: 
         data, batch_size=batch_size, seed=seed, epoch=epoch, start_step=start_step,
         process_index=process_index, process_count=process_count)
   build.prepare(data)
-  pi, pc = splits.process(process_index, process_count)
-  bs = splits.local_batch(batch_size, pc)
-  steps = splits.steps_per_epoch(data, batch_size, process_count=pc)
-  if not 0 <= start_step <= steps:
-    raise ValueError(f"start_step {start_step} not in [0, {steps}].")
-  ds = _tfds_train(data, bs, seed, epoch, start_step, steps, splits.train_shard(data, pi, pc))
+  shard, bs, steps = splits.train_layout(data, batch_size, start_step, process_index,
+                                         process_count)
+  ds = _tfds_train(data, bs, seed, epoch, start_step, steps, shard)
   ds = ds.prefetch(data.prefetch).with_options(_options())
   return _as_numpy(ds, steps - start_step)
 
@@ -180,9 +177,8 @@ def eval_iterator(data, split: str = "test", *, batch_size: int,
     return numpy_loader.eval_iterator(data, split, batch_size=batch_size,
                                       process_index=process_index, process_count=process_count)
   build.prepare(data)
-  pi, pc = splits.process(process_index, process_count)
-  bs = splits.local_batch(batch_size, pc)
-  stored, a, b, index, mask = splits.eval_plan(data, split, batch_size, pi, pc)
+  stored, a, b, index, mask, bs = splits.eval_plan(data, split, batch_size, process_index,
+                                                   process_count)
   if specs.use_cache(data):
     ds = _in_memory_batches(data, stored, a, b, index, mask, bs,
                             augment.small_batch_fn(data, False, 0))

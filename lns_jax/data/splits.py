@@ -138,14 +138,27 @@ def eval_steps(data, batch_size: int, split: str = "test", *,
   return math.ceil(math.ceil((b - a) / pc) / local_batch(batch_size, pc))
 
 
-def eval_plan(data, split: str, batch_size: int, process_index: int, process_count: int):
-  """(stored split, a, b, index, mask): this process's examples, padded to whole batches."""
-  stored, a, b = eval_shard(data, split, process_index, process_count)
-  bs = local_batch(batch_size, process_count)
-  num_pad = eval_steps(data, batch_size, split, process_count=process_count) * bs - (b - a)
+def train_layout(data, batch_size: int, start_step: int, process_index: Optional[int],
+                 process_count: Optional[int]):
+  """((stored split, a, b), local batch, steps) of this process's training epoch."""
+  pi, pc = process(process_index, process_count)
+  steps = steps_per_epoch(data, batch_size, process_count=pc)
+  if not 0 <= start_step <= steps:
+    raise ValueError(f"start_step {start_step} not in [0, {steps}].")
+  return train_shard(data, pi, pc), local_batch(batch_size, pc), steps
+
+
+def eval_plan(data, split: str, batch_size: int, process_index: Optional[int],
+              process_count: Optional[int]):
+  """(stored split, a, b, index, mask, local batch): this process's examples, padded to
+  whole batches."""
+  pi, pc = process(process_index, process_count)
+  stored, a, b = eval_shard(data, split, pi, pc)
+  bs = local_batch(batch_size, pc)
+  num_pad = eval_steps(data, batch_size, split, process_count=pc) * bs - (b - a)
   index = np.concatenate([np.arange(a, b), np.full(num_pad, a)])
   mask = np.concatenate([np.ones(b - a, np.int64), np.zeros(num_pad, np.int64)])
-  return stored, a, b, index, mask
+  return stored, a, b, index, mask, bs
 
 
 def epoch_order(seed: int, epoch: int, a: int, b: int, n: int):
