@@ -39,7 +39,6 @@ def worker(args):
   """One device count: prints one JSON line per stage."""
   sys.path.insert(0, ROOT)
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from lns_jax import config as config_lib
   from lns_jax import binary, models, optim, parallel, trainer
