@@ -77,7 +77,8 @@ def worker(args):
     state = jax.device_put(state, parallel.replicated(mesh))
     gbatch = parallel.shard_batch(batch, mesh)
     step = parallel.jit_data_parallel(
-        trainer.make_train_step(model, tx, config, stage, layers, schedule), mesh)
+        trainer.make_train_step(model, tx, config, stage, layers, schedule), mesh,
+        compiler_options=parallel.compiler_options())
     t = time.perf_counter()
     compiled = step.lower(state, gbatch).compile()
     compile_s = time.perf_counter() - t

@@ -5,13 +5,16 @@
   python benchmarks/train_step.py --r18_batch=256 --steps=0 --skip_input  # compile only
 
 Prints a Markdown table: ms/step (median, min-max), images/s, compile time and peak
-memory of the jitted train step of each stage kind and each ``--conv`` variant, the
-LNS/baseline ratio and the ratio to ``conv=xla``, then the input pipeline's wait on
+memory of the jitted train step of each stage kind, each ``--conv`` variant and each
+``--cpu_options`` variant (the project's XLA:CPU options or XLA's defaults), the
+LNS/baseline ratio and the ratio to ``conv=xla`` with the same options, then the input pipeline's wait on
 real Fashion-MNIST, and the machine and versions. All rows of one model are timed in
 one loop that runs a step of each in turn, so the ratios hold on a loaded machine.
 
   python benchmarks/train_step.py --fmnist_batch=0 --skip_r18 --skip_input --steps=20
                                                   # the ResNet-20 CIFAR rows only
+  python benchmarks/train_step.py --fmnist_batch=0 --skip_r18 --skip_input --steps=20 \
+      --conv=packed --cpu_options=project,default # the XLA:CPU options on and off
 """
 
 from __future__ import annotations
@@ -46,7 +49,18 @@ def make_config(model, image_size, channels, batch):
   return c
 
 
-def prepare_step(config, stage, image_shape, num_classes):
+OPTION_SETS = ("project", "default")
+
+
+def options(name):
+  """``'project'``: what the trainer compiles with (``parallel.compiler_options()``);
+  ``'default'``: XLA's own defaults."""
+  if name not in OPTION_SETS:
+    raise SystemExit(f"--cpu_options takes {', '.join(OPTION_SETS)}, got {name!r}.")
+  return parallel.compiler_options() if name == "project" else None
+
+
+def prepare_step(config, stage, image_shape, num_classes, cpu_options="project"):
   """Compiles the jitted train step of ``stage``; returns a dict with ``run()``."""
   mesh = parallel.make_mesh()
   model = models.from_config(config, stage, num_classes)
@@ -63,7 +77,8 @@ def prepare_step(config, stage, image_shape, num_classes):
            "mask": np.ones(config.batch_size, np.float32)}
   batch = parallel.shard_batch(batch, mesh)
   step = jax.jit(trainer.make_train_step(model, tx, config, stage, layers, schedule),
-                 in_shardings=(rep, bsh), out_shardings=(rep, rep), donate_argnums=(0,))
+                 in_shardings=(rep, bsh), out_shardings=(rep, rep), donate_argnums=(0,),
+                 compiler_options=options(cpu_options))
   t = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
@@ -128,7 +143,7 @@ def input_wait(batch, steps, loader="tfds", local_dir=None):
   state = trainer.create_train_state(c, "lns", model, tx, layers, info.image_shape,
                                      jax.random.key(0))
   step = jax.jit(trainer.make_train_step(model, tx, c, "lns", layers, schedule),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=parallel.compiler_options())
   it = data.train_iterator(c.data, batch_size=c.batch_size, seed=c.seed, epoch=0)
   state, _ = step(state, parallel.shard_batch(next(it), mesh))  # compile
   jax.block_until_ready(state)
@@ -162,6 +177,10 @@ def main():
                  help="comma-separated config.model.conv values, a row pair each: 'xla' "
                       "(XLA's float conv of the ±1 values), 'packed' (XNOR/popcount forward, "
                       "lns_jax.xnor_conv), 'auto'")
+  p.add_argument("--cpu_options", default="project",
+                 help="comma-separated XLA option sets, a row pair each: 'project' (what the "
+                      "trainer compiles with: lns_jax.parallel.compiler_options, YNNPACK for "
+                      "dots and reductions only on a CPU), 'default' (XLA's defaults)")
   p.add_argument("--loader", choices=("tfds", "numpy"), default=None,
                  help="input pipeline of the input-wait row (config.data.loader); default "
                       "'tfds', or 'numpy' where TensorFlow is not installed")
@@ -174,28 +193,34 @@ def main():
         f"{os.cpu_count()} CPUs; python {platform.python_version()}; jax {jax.__version__}, "
         f"jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}; "
         f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform})")
-  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; project compiler options: "
+        f"{parallel.compiler_options()}\n")
   cases = [("resnet20", 32, 3, args.r20_batch, 10)]
   if args.fmnist_batch:
     cases.append(("resnet20", 28, 1, args.fmnist_batch, 10))
   if not args.skip_r18:
     cases.append(("resnet18", args.r18_size, 3, r18_batch, 1000))
   convs = args.conv.split(",")
-  print("| model | input | batch | step | conv | ms/step (range) | images/s | GFLOP/step "
-        "| compile s | peak MiB | LNS/baseline | vs conv=xla |")
-  print("|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+  option_sets = args.cpu_options.split(",")
+  for o in option_sets:
+    options(o)  # a bad name stops here, before anything compiles
+  print("| model | input | batch | step | conv | XLA options | ms/step (range) | images/s "
+        "| GFLOP/step | compile s | peak MiB | LNS/baseline | vs conv=xla | vs default options |")
+  print("|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for model, size, ch, batch, classes in cases:
     rows = []
-    for conv in convs:
-      c = make_config(model, size, ch, batch)
-      c.model.conv = conv
-      for stage, label in (("pretrain", "baseline (sign)"), ("lns", "LNS (Eq. 21)")):
-        rows.append((conv, stage, label, prepare_step(c, stage, (size, size, ch), classes)))
+    for opt in option_sets:
+      for conv in convs:
+        c = make_config(model, size, ch, batch)
+        c.model.conv = conv
+        for stage, label in (("pretrain", "baseline (sign)"), ("lns", "LNS (Eq. 21)")):
+          rows.append((opt, conv, stage, label,
+                       prepare_step(c, stage, (size, size, ch), classes, opt)))
     # Every variant of a model in one alternating loop: under a changing load the
     # ratios stay comparable even when the absolute times are not.
     time_alternating([r for *_, r in rows], args.steps)
-    by = {(conv, stage): r for conv, stage, _, r in rows}
-    for conv, stage, label, r in rows:
+    by = {(opt, conv, stage): r for opt, conv, stage, _, r in rows}
+    for opt, conv, stage, label, r in rows:
       def ratio(other):
         if args.steps:
           return f"{r['ms'] / other['ms']:.2f}x"
@@ -203,10 +228,12 @@ def main():
       peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
       timed = (f"{r['ms']:.1f} ({r['ms_range'][0]:.0f}-{r['ms_range'][1]:.0f}) | {r['ips']:.0f}"
                if args.steps else "not run | -")
-      vs_xla = ratio(by[("xla", stage)]) if ("xla", stage) in by else "-"
-      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {conv} | {timed} | "
-            f"{r['gflop']:.1f} | {r['compile_s']:.1f} | {peak} | {ratio(by[(conv, 'pretrain')])} "
-            f"| {vs_xla} |", flush=True)
+      vs_xla = ratio(by[(opt, "xla", stage)]) if (opt, "xla", stage) in by else "-"
+      vs_default = (ratio(by[("default", conv, stage)])
+                    if ("default", conv, stage) in by else "-")
+      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {conv} | {opt} | {timed} | "
+            f"{r['gflop']:.1f} | {r['compile_s']:.1f} | {peak} "
+            f"| {ratio(by[(opt, conv, 'pretrain')])} | {vs_xla} | {vs_default} |", flush=True)
   print(f"\nprocess peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
   if not args.skip_input:
     loader = args.loader or ("tfds" if importlib.util.find_spec("tensorflow") else "numpy")

@@ -92,12 +92,46 @@ def jit_data_parallel(fn: Callable, mesh: Mesh, *, donate_state: bool = True, **
 _FAST_COMPILE = {"xla_backend_optimization_level": 0,
                  "xla_llvm_disable_expensive_passes": True}
 
+# XLA:CPU hands convolutions, dots and reductions to YNNPACK by default (jax 0.10.2).
+# Its convolutions are slow on the weight gradient of a 3x3 conv (a conv whose window is
+# the whole feature map: 21-52 GFLOP/s where XLA's own (Eigen) conv runs 2-3x faster on
+# ResNet-20's layers), so the train step keeps YNNPACK for dots and reductions only.
+# Listing REDUCE matters: without it XLA splits every large reduction (BatchNorm's
+# statistics) into slow reduce-windows. Measured in benchmarks/train_step.py
+# (--cpu_options): the ResNet-20 step 1.4-1.5x faster (DECISIONS.md 13).
+# LNS_XLA_CPU_DEFAULTS=1 compiles with XLA's defaults instead.
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+               "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+_cpu_options_ok = None
+
+
+def cpu_options() -> dict:
+  """:data:`CPU_OPTIONS` on a CPU backend when this jaxlib accepts them, else ``{}``.
+
+  An XLA that no longer knows the option (a newer jaxlib) gets its defaults and one
+  warning, not a failed compile.
+  """
+  global _cpu_options_ok
+  if jax.default_backend() != "cpu" or os.environ.get("LNS_XLA_CPU_DEFAULTS") == "1":
+    return {}
+  if _cpu_options_ok is None:
+    try:
+      jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(np.float32(0)).compile()
+      _cpu_options_ok = True
+    except Exception as e:  # pylint: disable=broad-except
+      _cpu_options_ok = False
+      print(f"lns_jax: this jaxlib refuses the XLA:CPU options {CPU_OPTIONS} "
+            f"({str(e).splitlines()[0][:120]}); compiling with XLA's defaults.")
+  return dict(CPU_OPTIONS) if _cpu_options_ok else {}
+
 
 def compiler_options(fast=False):
-  """XLA options: ``fast`` (or LNS_FAST_COMPILE=1, which the tests set) trades run-time
-  speed for a several times quicker compile."""
+  """XLA options for a jitted step: :func:`cpu_options` on a CPU backend, and with
+  ``fast`` (or LNS_FAST_COMPILE=1, which the tests set) a several times quicker
+  compile for less run-time speed. ``None`` when there are none."""
   fast = fast or os.environ.get("LNS_FAST_COMPILE") == "1"
-  return dict(_FAST_COMPILE) if fast else None
+  opts = {**cpu_options(), **(_FAST_COMPILE if fast else {})}
+  return opts or None
 
 
 def is_main_process() -> bool:
