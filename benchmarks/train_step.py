@@ -50,14 +50,15 @@ def make_config(model, image_size, channels, batch):
 
 
 OPTION_SETS = ("project", "default")
+STAGES = (("pretrain", "baseline (sign)"), ("lns", "LNS (Eq. 21)"))
 
 
 def options(name):
   """``'project'``: what the trainer compiles with (``parallel.compiler_options()``);
-  ``'default'``: XLA's own defaults."""
+  ``'default'``: the same without the XLA:CPU options (XLA's defaults)."""
   if name not in OPTION_SETS:
     raise SystemExit(f"--cpu_options takes {', '.join(OPTION_SETS)}, got {name!r}.")
-  return parallel.compiler_options() if name == "project" else None
+  return parallel.compiler_options(cpu=name == "project")
 
 
 def prepare_step(config, stage, image_shape, num_classes, cpu_options="project"):
@@ -67,8 +68,10 @@ def prepare_step(config, stage, image_shape, num_classes, cpu_options="project")
   layers = binary.weight_binarizers(model, image_shape)
   schedule = optim.learning_rate_schedule(config[stage], 100)
   tx = optim.make_optimizer(config, stage, schedule)
-  state = trainer.create_train_state(config, stage, model, tx, layers, image_shape,
-                                     jax.random.key(0))
+  # Jitted once at XLA's quick compile, as the trainer does (op by op it takes longer).
+  state = jax.jit(lambda: trainer.create_train_state(config, stage, model, tx, layers,
+                                                     image_shape, jax.random.key(0)),
+                  compiler_options=parallel.compiler_options(fast=True))()
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   state = jax.device_put(state, rep)
   rng = np.random.default_rng(0)
@@ -177,6 +180,9 @@ def main():
                  help="comma-separated config.model.conv values, a row pair each: 'xla' "
                       "(XLA's float conv of the ±1 values), 'packed' (XNOR/popcount forward, "
                       "lns_jax.xnor_conv), 'auto'")
+  p.add_argument("--stages", default="pretrain,lns",
+                 help="comma-separated step kinds: 'pretrain' (the baseline step, sign "
+                      "weights), 'lns' (Eq. 21)")
   p.add_argument("--cpu_options", default="project",
                  help="comma-separated XLA option sets, a row pair each: 'project' (what the "
                       "trainer compiles with: lns_jax.parallel.compiler_options, YNNPACK for "
@@ -204,6 +210,10 @@ def main():
   option_sets = args.cpu_options.split(",")
   for o in option_sets:
     options(o)  # a bad name stops here, before anything compiles
+  stages = args.stages.split(",")
+  known = [name for name, _ in STAGES]
+  if not stages or any(st not in known for st in stages):
+    raise SystemExit(f"--stages takes {', '.join(known)}, got {args.stages!r}.")
   print("| model | input | batch | step | conv | XLA options | ms/step (range) | images/s "
         "| GFLOP/step | compile s | peak MiB | LNS/baseline | vs conv=xla | vs default options |")
   print("|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -213,7 +223,9 @@ def main():
       for conv in convs:
         c = make_config(model, size, ch, batch)
         c.model.conv = conv
-        for stage, label in (("pretrain", "baseline (sign)"), ("lns", "LNS (Eq. 21)")):
+        for stage, label in STAGES:
+          if stage not in stages:
+            continue
           rows.append((opt, conv, stage, label,
                        prepare_step(c, stage, (size, size, ch), classes, opt)))
     # Every variant of a model in one alternating loop: under a changing load the
@@ -228,12 +240,14 @@ def main():
       peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
       timed = (f"{r['ms']:.1f} ({r['ms_range'][0]:.0f}-{r['ms_range'][1]:.0f}) | {r['ips']:.0f}"
                if args.steps else "not run | -")
+      base = by.get((opt, conv, "pretrain"))
+      lns_ratio = ratio(base) if base is not None else "-"
       vs_xla = ratio(by[(opt, "xla", stage)]) if (opt, "xla", stage) in by else "-"
       vs_default = (ratio(by[("default", conv, stage)])
                     if ("default", conv, stage) in by else "-")
       print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {conv} | {opt} | {timed} | "
             f"{r['gflop']:.1f} | {r['compile_s']:.1f} | {peak} "
-            f"| {ratio(by[(opt, conv, 'pretrain')])} | {vs_xla} | {vs_default} |", flush=True)
+            f"| {lns_ratio} | {vs_xla} | {vs_default} |", flush=True)
   print(f"\nprocess peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
   if not args.skip_input:
     loader = args.loader or ("tfds" if importlib.util.find_spec("tensorflow") else "numpy")

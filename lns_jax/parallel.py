@@ -125,12 +125,13 @@ def cpu_options() -> dict:
   return dict(CPU_OPTIONS) if _cpu_options_ok else {}
 
 
-def compiler_options(fast=False):
-  """XLA options for a jitted step: :func:`cpu_options` on a CPU backend, and with
-  ``fast`` (or LNS_FAST_COMPILE=1, which the tests set) a several times quicker
-  compile for less run-time speed. ``None`` when there are none."""
+def compiler_options(fast=False, cpu=True):
+  """XLA options for a jitted step: :func:`cpu_options` on a CPU backend (``cpu=False``
+  leaves them out: XLA's defaults), and with ``fast`` (or LNS_FAST_COMPILE=1, which the
+  tests set) a several times quicker compile for less run-time speed. ``None`` when
+  there are none."""
   fast = fast or os.environ.get("LNS_FAST_COMPILE") == "1"
-  opts = {**cpu_options(), **(_FAST_COMPILE if fast else {})}
+  opts = {**(cpu_options() if cpu else {}), **(_FAST_COMPILE if fast else {})}
   return opts or None
 
 
