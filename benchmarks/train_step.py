@@ -5,10 +5,10 @@
   python benchmarks/train_step.py --r18_batch=256 --steps=0 --skip_input  # compile only
 
 Prints a Markdown table: ms/step (median, min-max), images/s, compile time and peak
-memory of the jitted train step of each stage kind, each ``--conv`` variant and each
-``--cpu_options`` variant (the project's XLA:CPU options or XLA's defaults), the
-LNS/baseline ratio and the ratio to ``conv=xla`` with the same options, then the input pipeline's wait on
-real Fashion-MNIST, and the machine and versions. All rows of one model are timed in
+memory of the jitted train step of each ``--stages`` kind, each ``--conv`` variant and
+each ``--cpu_options`` variant (the project's XLA:CPU options or XLA's defaults), the
+LNS/baseline ratio, the ratios to ``conv=xla`` and to XLA's default options, then the
+input pipeline's wait on real Fashion-MNIST, and the machine and versions. All rows of one model are timed in
 one loop that runs a step of each in turn, so the ratios hold on a loaded machine.
 
   python benchmarks/train_step.py --fmnist_batch=0 --skip_r18 --skip_input --steps=20
