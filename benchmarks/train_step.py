@@ -61,9 +61,8 @@ def options(name):
   return parallel.compiler_options(cpu=name == "project")
 
 
-def prepare_step(config, stage, image_shape, num_classes, cpu_options="project"):
-  """Compiles the jitted train step of ``stage``; returns a dict with ``run()``."""
-  mesh = parallel.make_mesh()
+def build(config, stage, image_shape, num_classes):
+  """The model, its binary layers, schedule, optimizer and initial train state."""
   model = models.from_config(config, stage, num_classes)
   layers = binary.weight_binarizers(model, image_shape)
   schedule = optim.learning_rate_schedule(config[stage], 100)
@@ -72,6 +71,13 @@ def prepare_step(config, stage, image_shape, num_classes, cpu_options="project")
   state = jax.jit(lambda: trainer.create_train_state(config, stage, model, tx, layers,
                                                      image_shape, jax.random.key(0)),
                   compiler_options=parallel.compiler_options(fast=True))()
+  return model, layers, schedule, tx, state
+
+
+def prepare_step(config, stage, image_shape, num_classes, cpu_options="project"):
+  """Compiles the jitted train step of ``stage``; returns a dict with ``run()``."""
+  mesh = parallel.make_mesh()
+  model, layers, schedule, tx, state = build(config, stage, image_shape, num_classes)
   rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   state = jax.device_put(state, rep)
   rng = np.random.default_rng(0)
@@ -139,12 +145,7 @@ def input_wait(batch, steps, loader="tfds", local_dir=None):
   data.prepare(c.data)
   info = data.get_info(c.data)
   mesh = parallel.make_mesh()
-  model = models.from_config(c, "lns", info.num_classes)
-  layers = binary.weight_binarizers(model, info.image_shape)
-  schedule = optim.learning_rate_schedule(c.lns, 100)
-  tx = optim.make_optimizer(c, "lns", schedule)
-  state = trainer.create_train_state(c, "lns", model, tx, layers, info.image_shape,
-                                     jax.random.key(0))
+  model, layers, schedule, tx, state = build(c, "lns", info.image_shape, info.num_classes)
   step = jax.jit(trainer.make_train_step(model, tx, c, "lns", layers, schedule),
                  donate_argnums=(0,), compiler_options=parallel.compiler_options())
   it = data.train_iterator(c.data, batch_size=c.batch_size, seed=c.seed, epoch=0)
@@ -212,7 +213,7 @@ def main():
     options(o)  # a bad name stops here, before anything compiles
   stages = args.stages.split(",")
   known = [name for name, _ in STAGES]
-  if not stages or any(st not in known for st in stages):
+  if any(st not in known for st in stages):
     raise SystemExit(f"--stages takes {', '.join(known)}, got {args.stages!r}.")
   print("| model | input | batch | step | conv | XLA options | ms/step (range) | images/s "
         "| GFLOP/step | compile s | peak MiB | LNS/baseline | vs conv=xla | vs default options |")

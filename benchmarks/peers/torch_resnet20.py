@@ -104,8 +104,6 @@ class BinaryConv(nn.Conv2d):
   def forward(self, x):
     scale = self.weight.detach().abs().mean()
     if self.lns:
-      if not hasattr(self, "mapping"):
-        raise RuntimeError("call enable_lns() first")
       q_hat = self.mapping(self.weight)
       PAIRS.append((q_hat, torch.where(self.weight.detach() >= 0, 1.0, -1.0)))
       w = SignClipGrad.apply(q_hat) * scale
