@@ -162,6 +162,22 @@ def input_wait(batch, steps, loader="tfds", local_dir=None):
   return wait, total
 
 
+def parse_peaks(text, dtypes):
+  """``--peak_tflops``: ``''`` -> {}, ``'495'`` -> every dtype, ``'float32=495,...'``."""
+  if not text:
+    return {}
+  try:
+    if "=" not in text:
+      return {d: float(text) for d in dtypes}
+    peaks = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+  except ValueError:
+    raise SystemExit(f"--peak_tflops takes a number or dtype=number pairs, got {text!r}.") \
+        from None
+  if any(k not in models.DTYPES for k in peaks) or any(v <= 0 for v in peaks.values()):
+    raise SystemExit(f"--peak_tflops takes a number or dtype=number pairs, got {text!r}.")
+  return peaks
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=10,
@@ -188,6 +204,14 @@ def main():
                  help="comma-separated XLA option sets, a row pair each: 'project' (what the "
                       "trainer compiles with: lns_jax.parallel.compiler_options, YNNPACK for "
                       "dots and reductions only on a CPU), 'default' (XLA's defaults)")
+  p.add_argument("--dtype", default="float32",
+                 help="comma-separated config.model.dtype values, a row pair each: 'float32', "
+                      "'bfloat16' (the network computes in bf16; parameters, the mapping "
+                      "networks and the losses stay float32)")
+  p.add_argument("--peak_tflops", default="",
+                 help="the chip's dense peak in TFLOP/s, one number or per dtype "
+                      "('float32=494.7,bfloat16=989.4': an H200 SXM's dense TF32 and BF16): "
+                      "adds the model FLOPs utilization column")
   p.add_argument("--loader", choices=("tfds", "numpy"), default=None,
                  help="input pipeline of the input-wait row (config.data.loader); default "
                       "'tfds', or 'numpy' where TensorFlow is not installed")
@@ -211,29 +235,36 @@ def main():
   option_sets = args.cpu_options.split(",")
   for o in option_sets:
     options(o)  # a bad name stops here, before anything compiles
+  dtypes = args.dtype.split(",")
+  if any(d not in models.DTYPES for d in dtypes):
+    raise SystemExit(f"--dtype takes {', '.join(models.DTYPES)}, got {args.dtype!r}.")
+  peaks = parse_peaks(args.peak_tflops, dtypes)
   stages = args.stages.split(",")
   known = [name for name, _ in STAGES]
   if any(st not in known for st in stages):
     raise SystemExit(f"--stages takes {', '.join(known)}, got {args.stages!r}.")
-  print("| model | input | batch | step | conv | XLA options | ms/step (range) | images/s "
-        "| GFLOP/step | compile s | peak MiB | LNS/baseline | vs conv=xla | vs default options |")
-  print("|---|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+  print("| model | input | batch | step | conv | dtype | XLA options | ms/step (range) | images/s "
+        "| GFLOP/step | MFU | compile s | peak MiB | LNS/baseline | vs conv=xla | vs float32 "
+        "| vs default options |")
+  print("|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for model, size, ch, batch, classes in cases:
     rows = []
     for opt in option_sets:
       for conv in convs:
-        c = make_config(model, size, ch, batch)
-        c.model.conv = conv
-        for stage, label in STAGES:
-          if stage not in stages:
-            continue
-          rows.append((opt, conv, stage, label,
-                       prepare_step(c, stage, (size, size, ch), classes, opt)))
+        for dt in dtypes:
+          c = make_config(model, size, ch, batch)
+          c.model.conv = conv
+          c.model.dtype = dt
+          for stage, label in STAGES:
+            if stage not in stages:
+              continue
+            rows.append(((opt, conv, dt, stage), label,
+                         prepare_step(c, stage, (size, size, ch), classes, opt)))
     # Every variant of a model in one alternating loop: under a changing load the
     # ratios stay comparable even when the absolute times are not.
     time_alternating([r for *_, r in rows], args.steps)
-    by = {(opt, conv, stage): r for opt, conv, stage, _, r in rows}
-    for opt, conv, stage, label, r in rows:
+    by = {key: r for key, _, r in rows}
+    for (opt, conv, dt, stage), label, r in rows:
       def ratio(other):
         if args.steps:
           return f"{r['ms'] / other['ms']:.2f}x"
@@ -241,14 +272,16 @@ def main():
       peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
       timed = (f"{r['ms']:.1f} ({r['ms_range'][0]:.0f}-{r['ms_range'][1]:.0f}) | {r['ips']:.0f}"
                if args.steps else "not run | -")
-      base = by.get((opt, conv, "pretrain"))
-      lns_ratio = ratio(base) if base is not None else "-"
-      vs_xla = ratio(by[(opt, "xla", stage)]) if (opt, "xla", stage) in by else "-"
-      vs_default = (ratio(by[("default", conv, stage)])
-                    if ("default", conv, stage) in by else "-")
-      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {conv} | {opt} | {timed} | "
-            f"{r['gflop']:.1f} | {r['compile_s']:.1f} | {peak} "
-            f"| {lns_ratio} | {vs_xla} | {vs_default} |", flush=True)
+      def vs(key):
+        return ratio(by[key]) if key in by else "-"
+      # Model FLOPs utilization: XLA's FLOP count of the step over the chip's peak.
+      mfu = (f"{100 * r['gflop'] / r['ms'] / peaks[dt]:.1f}%"
+             if dt in peaks and args.steps else "-")
+      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {conv} | {dt} | {opt} | "
+            f"{timed} | {r['gflop']:.1f} | {mfu} | {r['compile_s']:.1f} | {peak} "
+            f"| {vs((opt, conv, dt, 'pretrain'))} | {vs((opt, 'xla', dt, stage))} "
+            f"| {vs((opt, conv, 'float32', stage))} | {vs(('default', conv, dt, stage))} |",
+            flush=True)
   print(f"\nprocess peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
   if not args.skip_input:
     loader = args.loader or ("tfds" if importlib.util.find_spec("tensorflow") else "numpy")

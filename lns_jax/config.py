@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.weight_scale = "layer"
   c.model.clip = 1.0                 # STE clip of activations and latent weights (Eq. 3)
   c.model.conv = "auto"              # binary convs: 'xla' | 'packed' (XNOR/popcount forward) | 'auto' (lns_jax.xnor_conv)
+  c.model.dtype = "float32"          # the network's compute dtype: 'float32' | 'bfloat16' (lns_jax.models.DTYPES)
 
   c.mapping = ml_collections.ConfigDict()
   c.mapping.output = "raw"           # DESIGN decision 1
@@ -263,12 +264,14 @@ def _validate_stages(config) -> list:
 
 def _validate_model(config) -> None:
   from lns_jax import mapping, quantizers, xnor_conv
-  from lns_jax.models import MODELS
+  from lns_jax.models import DTYPES, MODELS
   _check_choice(config, "model.name", sorted(MODELS))
   _check_choice(config, "model.input_binarizer", tuple(quantizers.INPUT_BINARIZERS))
   _check_choice(config, "model.weight_scale", quantizers.WEIGHT_SCALES)
   _check_number(config, "model.clip", low=0, low_open=True)
   _check_choice(config, "model.conv", xnor_conv.CONV_IMPLS)
+  if "dtype" in config.model:  # configs saved before the field read as float32
+    _check_choice(config, "model.dtype", tuple(DTYPES))
   _check_choice(config, "mapping.output", mapping.MAPPING_OUTPUTS)
   _check_number(config, "mapping.clip", low=0, low_open=True)
   _check_choice(config, "mapping.ste", quantizers.MAPPING_STES)

@@ -121,6 +121,7 @@ def make_train_step(model, tx, config, stage: str, layers, schedule):
     variables = {"params": params, "batch_stats": state.batch_stats}
     logits, updates = model.apply(variables, batch["image"], train=True,
                                   mutable=["batch_stats", LNS_COLLECTION])
+    logits = logits.astype(jnp.float32)  # config.model.dtype: the loss is float32
     pairs = binary.lns_pairs(updates, state.labels) if table.noisy_supervision else {}
     total, aux = loss_lib.lns_objective(logits, batch["label"], pairs, alpha, rho,
                                         config.reduction, batch["mask"])
@@ -160,7 +161,7 @@ def make_train_step(model, tx, config, stage: str, layers, schedule):
 def make_eval_step(model):
   def eval_fn(variables, batch):
     _check_batch(batch)
-    logits = model.apply(variables, batch["image"], train=False)
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
     mask = batch["mask"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     top1, top5 = metrics_lib.topk_correct(logits, batch["label"], (1, 5), mask)

@@ -101,25 +101,37 @@ BENCH = [sys.executable, "benchmarks/train_step.py", "--r20_batch=8", "--fmnist_
          "--skip_r18", "--skip_input", "--conv=packed"]
 
 
-def test_train_step_benchmark_prints_a_row_per_option_set():
-  """The README's benchmark command with --cpu_options, at smoke size (compile only: the
-  timed path runs in test_no_tensorflow.py)."""
-  r = subprocess.run(BENCH + ["--steps=0", "--stages=pretrain", "--cpu_options=project,default"],
-                     cwd=ROOT,
-                     capture_output=True, text=True, timeout=600)
+def test_train_step_benchmark_prints_a_row_per_option_set_and_dtype():
+  """The README's benchmark command with --cpu_options, --dtype and --peak_tflops, at smoke
+  size (one timed step of each row)."""
+  r = subprocess.run(BENCH + ["--steps=1", "--stages=pretrain", "--cpu_options=project,default",
+                              "--dtype=float32,bfloat16", "--peak_tflops=float32=0.002"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [l.split("|") for l in r.stdout.splitlines() if l.startswith("| resnet20")]
   cells = [[c.strip() for c in row] for row in rows]
-  assert [(c[4], c[6]) for c in cells] == [("baseline (sign)", "project"),
-                                           ("baseline (sign)", "default")]
-  assert all(float(c[9]) > 0 for c in cells)  # GFLOP/step
-  assert cells[1][-2] == "1.00x (FLOPs)" and cells[0][-2].endswith("x (FLOPs)")
+  assert [(c[4], c[6], c[7]) for c in cells] == [
+      ("baseline (sign)", "float32", "project"), ("baseline (sign)", "bfloat16", "project"),
+      ("baseline (sign)", "float32", "default"), ("baseline (sign)", "bfloat16", "default")]
+  for c in cells:
+    gflop, ms = float(c[10]), float(c[8].split()[0])
+    assert gflop > 0 and ms > 0
+    if c[6] == "float32":  # MFU: XLA's FLOPs over the step time and the given peak
+      np.testing.assert_allclose(float(c[11].rstrip("%")), 100 * gflop / ms / 0.002, rtol=0.05)
+    else:
+      assert c[11] == "-"  # no peak given for bfloat16
+  # vs float32: each bf16 row against its float32 row; vs default options likewise.
+  assert cells[0][16] == "1.00x" and cells[1][16].endswith("x")
+  assert cells[2][-2] == "1.00x" and cells[0][-2].endswith("x")
   assert "project compiler options: {'xla_cpu_experimental_ynn_fusion_type'" in r.stdout
 
 
 @pytest.mark.parametrize("flag,message", [
     ("--cpu_options=fastest", "--cpu_options takes project, default, got 'fastest'."),
-    ("--stages=warmup", "--stages takes pretrain, lns, got 'warmup'.")])
+    ("--stages=warmup", "--stages takes pretrain, lns, got 'warmup'."),
+    ("--dtype=float16", "--dtype takes float32, bfloat16, got 'float16'."),
+    ("--peak_tflops=fast", "--peak_tflops takes a number or dtype=number pairs, got 'fast'."),
+    ("--peak_tflops=fp8=1", "--peak_tflops takes a number or dtype=number pairs, got 'fp8=1'.")])
 def test_train_step_benchmark_refuses_bad_flags_with_one_line(flag, message):
   r = subprocess.run(BENCH + ["--steps=0", flag], cwd=ROOT, capture_output=True, text=True,
                      timeout=300)

@@ -9,6 +9,8 @@ the export and the inference (the ``'float'`` model of an export) all build with
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from lns_jax.models.alexnet import AlexNet, AlexNetTiny
 from lns_jax.models.resnet_cifar import ResNet20, ResNetCifar, ResNetTiny
 from lns_jax.models.resnet_imagenet import (BiRealResNet, DoReFaResNet, ResNet18,
@@ -26,6 +28,15 @@ MODELS = {
 }
 
 
+# config.model.dtype: the dtype the network computes in (convs, BatchNorm, dense layers).
+# Parameters, optimizer state, the mapping networks f_theta, the losses and the logits
+# the losses see stay float32: q_hat's signs are the weights, and evaluation and export
+# must binarize bit for bit as the train step did. bfloat16 is for GPUs and TPUs; a CPU
+# gains nothing from it (XLA:CPU's bf16 convs measured no faster) and the packed binary
+# conv (config.model.conv) is float32 only, so 'auto' runs XLA's conv in bfloat16.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def get_model(name: str, *, num_classes: int, **kwargs):
   """Instantiates ``MODELS[name]``; ``kwargs`` are the binarization fields."""
   if name not in MODELS:
@@ -41,7 +52,8 @@ def from_config(config, weights: str, num_classes: int, mesh=None):
   ``config.mapping`` (the LNS layers' f_theta) takes its defaults where absent (an
   export's header). With a ``mesh`` of several devices and ``config.mapping.shard``,
   each device computes f_theta for its share of every layer's filters
-  (``MappingNet.filter_sharding``).
+  (``MappingNet.filter_sharding``). ``config.model.dtype`` is the network's compute
+  dtype (:data:`DTYPES`).
   """
   from lns_jax import stages
   if weights in stages.STAGES:
@@ -58,7 +70,8 @@ def from_config(config, weights: str, num_classes: int, mesh=None):
                   mapping_sharding=sharding)
   return get_model(m.name, num_classes=num_classes, weight_binarizer=weights,
                    input_binarizer=m.input_binarizer, weight_scale=m.weight_scale,
-                   clip=m.clip, conv=m.get("conv", "xla"), **kwargs)
+                   clip=m.clip, conv=m.get("conv", "xla"),
+                   dtype=DTYPES[m.get("dtype", "float32")], **kwargs)
 
 
 def check_input_shape(config, num_classes: int, image_shape) -> None:
