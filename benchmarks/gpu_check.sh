@@ -72,7 +72,7 @@ if [ "$PART" = steps ]; then
       --steps=$STEPS --peak_tflops=$PEAK
   run scaling 90 "$PY" benchmarks/scaling.py --platform=$PLATFORM --devices=1 --batch=$R20 --steps=$STEPS --json
   grep -h "^| resnet\|waited" "$OUT/r20_steps.txt" "$OUT/r18_steps.txt"
-  cat "$OUT/scaling.txt" | grep "^{" || true
+  grep "^{" "$OUT/scaling.txt" || true
 fi
 
 if [ "$PART" = runs ]; then

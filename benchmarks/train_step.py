@@ -162,18 +162,26 @@ def input_wait(batch, steps, loader="tfds", local_dir=None):
   return wait, total
 
 
+def split_choices(flag, text, allowed):
+  """A comma-separated flag's values, each one of ``allowed``, else one line and exit."""
+  values = text.split(",")
+  if any(v not in allowed for v in values):
+    raise SystemExit(f"--{flag} takes {', '.join(allowed)}, got {text!r}.")
+  return values
+
+
 def parse_peaks(text, dtypes):
   """``--peak_tflops``: ``''`` -> {}, ``'495'`` -> every dtype, ``'float32=495,...'``."""
   if not text:
     return {}
   try:
     if "=" not in text:
-      return {d: float(text) for d in dtypes}
-    peaks = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+      peaks = {d: float(text) for d in dtypes}
+    else:
+      peaks = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
   except ValueError:
-    raise SystemExit(f"--peak_tflops takes a number or dtype=number pairs, got {text!r}.") \
-        from None
-  if any(k not in models.DTYPES for k in peaks) or any(v <= 0 for v in peaks.values()):
+    peaks = {}
+  if not peaks or any(k not in models.DTYPES for k in peaks) or min(peaks.values()) <= 0:
     raise SystemExit(f"--peak_tflops takes a number or dtype=number pairs, got {text!r}.")
   return peaks
 
@@ -234,17 +242,11 @@ def main():
   if not args.skip_r18:
     cases.append(("resnet18", args.r18_size, 3, r18_batch, 1000))
   convs = args.conv.split(",")
-  option_sets = args.cpu_options.split(",")
-  for o in option_sets:
-    options(o)  # a bad name stops here, before anything compiles
-  dtypes = args.dtype.split(",")
-  if any(d not in models.DTYPES for d in dtypes):
-    raise SystemExit(f"--dtype takes {', '.join(models.DTYPES)}, got {args.dtype!r}.")
+  # Bad names stop here, in one line, before anything compiles.
+  option_sets = split_choices("cpu_options", args.cpu_options, OPTION_SETS)
+  dtypes = split_choices("dtype", args.dtype, tuple(models.DTYPES))
   peaks = parse_peaks(args.peak_tflops, dtypes)
-  stages = args.stages.split(",")
-  known = [name for name, _ in STAGES]
-  if any(st not in known for st in stages):
-    raise SystemExit(f"--stages takes {', '.join(known)}, got {args.stages!r}.")
+  stages = split_choices("stages", args.stages, tuple(name for name, _ in STAGES))
   print("| model | input | batch | step | conv | dtype | XLA options | ms/step (range) | images/s "
         "| GFLOP/step | MFU | compile s | peak MiB | LNS/baseline | vs conv=xla | vs float32 "
         "| vs default options |")

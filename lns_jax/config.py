@@ -270,8 +270,7 @@ def _validate_model(config) -> None:
   _check_choice(config, "model.weight_scale", quantizers.WEIGHT_SCALES)
   _check_number(config, "model.clip", low=0, low_open=True)
   _check_choice(config, "model.conv", xnor_conv.CONV_IMPLS)
-  if "dtype" in config.model:  # configs saved before the field read as float32
-    _check_choice(config, "model.dtype", tuple(DTYPES))
+  _check_choice(config, "model.dtype", tuple(DTYPES))
   _check_choice(config, "mapping.output", mapping.MAPPING_OUTPUTS)
   _check_number(config, "mapping.clip", low=0, low_open=True)
   _check_choice(config, "mapping.ste", quantizers.MAPPING_STES)

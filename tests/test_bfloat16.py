@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from lns_jax import models, trainer
+from lns_jax import binary, models, optim, trainer
 from lns_jax.layers import LNS_COLLECTION, BinaryConv
 from lns_jax.loss import lns_objective
 from lns_testutil import smoke_config
@@ -89,7 +89,6 @@ def test_train_step_in_bfloat16_keeps_float32_state_and_the_float32_loss():
   for dtype in ("float32", "bfloat16"):
     config = smoke_config(model__dtype=dtype)
     model = models.from_config(config, "lns", 10)
-    from lns_jax import binary, optim
     layers = binary.weight_binarizers(model, (28, 28, 1))
     schedule = optim.learning_rate_schedule(config.lns, 10)
     tx = optim.make_optimizer(config, "lns", schedule)
