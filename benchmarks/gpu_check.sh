@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh prepare      # here: the wheel and the data to carry (31 MiB)
 #   # then, through the device tool, from the repository root, carry=["workdirs/gpu_carry"]:
 #   bash benchmarks/gpu_check.sh steps        # step throughput, MFU, bf16, input pipeline (~5 min)
-#   bash benchmarks/gpu_check.sh runs         # :quick runs in float32 and bfloat16 (~4 min)
+#   bash benchmarks/gpu_check.sh runs         # :quick runs in float32 and bfloat16, and f_theta
+#                                             # alone, conv vs Winograd (~5 min)
 #
 # Each part keeps within one 10-minute device call; every command has its own timeout and a
 # failure does not stop the rest. Output goes to $OUT (the device tool's folder) or
@@ -49,9 +50,11 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 PEAK=${PEAK:-float32=494.7,bfloat16=989.4}
 if [ "${SMOKE:-0}" = 1 ]; then
   R20=8; R18=2; R18_SIZE=64; STEPS=1; QUICK=configs/fashion_mnist_r20.py:smoke; PLATFORM=cpu
+  MAPPING_MODEL=resnet20
   QUICK_ARGS="--config.data.train_examples=64 --config.data.eval_examples=64"
 else
   R20=128; R18=256; R18_SIZE=224; STEPS=20; QUICK=configs/fashion_mnist_r20.py:quick; PLATFORM=gpu
+  MAPPING_MODEL=resnet18
   QUICK_ARGS=""
 fi
 run() {  # run NAME SECONDS CMD...: output to $OUT/NAME.txt, and a line with its status
@@ -83,4 +86,8 @@ if [ "$PART" = runs ]; then
         --workdir="$OUT/quick_$dt"
     tail -6 "$OUT/quick_$dt.txt"
   done
+  # The mapping networks alone (ResNet-18's, whose 512-channel layers are most of an LNS
+  # step's extra work): XLA's conv against the Winograd variant, which lost on a CPU.
+  run mapping 120 "$PY" benchmarks/mapping.py --model=$MAPPING_MODEL --steps=$STEPS
+  grep "^| \|LNS layers" "$OUT/mapping.txt" || true
 fi
