@@ -52,9 +52,11 @@ def worker(args):
   config.batch_size = args.batch
   config.mapping.shard = not args.no_mapping_shard
   # XLA's float conv, the one a GPU or TPU runs ('auto' packs on a CPU, whose popcount
-  # ops XLA's cost analysis counts differently): the per-device FLOPs compare across
-  # platforms and with the README's figures.
+  # ops XLA's cost analysis counts differently), and XLA's conv in the mapping networks
+  # likewise ('auto' is Winograd on a CPU for 256+ channels): the per-device FLOPs compare
+  # across platforms and with the README's figures.
   config.model.conv = "xla"
+  config.mapping.conv = "xla"
   config_lib.validate(config, num_devices=len(devices))
   shape = (args.image_size, args.image_size, 3)
   rng = np.random.default_rng(0)

@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lns_jax import config as config_lib  # noqa: E402
-from lns_jax import binary, models, optim, parallel, trainer  # noqa: E402
+from lns_jax import binary, mapping, models, optim, parallel, trainer  # noqa: E402
 
 
 def make_config(model, image_size, channels, batch):
@@ -218,6 +218,9 @@ def main():
                  help="comma-separated config.model.dtype values, a row pair each: 'float32', "
                       "'bfloat16' (the network computes in bf16; parameters, the mapping "
                       "networks and the losses stay float32)")
+  p.add_argument("--mapping_conv", default="auto",
+                 help="config.mapping.conv of every row: 'xla', 'winograd', 'auto' (the "
+                      "default: Winograd on a CPU for f_theta's layers of 256+ channels)")
   p.add_argument("--peak_tflops", default="",
                  help="the chip's dense peak in TFLOP/s, one number or per dtype "
                       "('float32=494.7,bfloat16=989.4': an H200 SXM's dense TF32 and BF16): "
@@ -235,7 +238,7 @@ def main():
         f"jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}; "
         f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform})")
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; project compiler options: "
-        f"{parallel.compiler_options()}\n")
+        f"{parallel.compiler_options()}; config.mapping.conv={args.mapping_conv!r}\n")
   cases = [("resnet20", 32, 3, args.r20_batch, 10)] if args.r20_batch else []
   if args.fmnist_batch:
     cases.append(("resnet20", 28, 1, args.fmnist_batch, 10))
@@ -245,6 +248,9 @@ def main():
   # Bad names stop here, in one line, before anything compiles.
   option_sets = split_choices("cpu_options", args.cpu_options, OPTION_SETS)
   dtypes = split_choices("dtype", args.dtype, tuple(models.DTYPES))
+  if args.mapping_conv not in mapping.MAPPING_CONVS:
+    raise SystemExit(f"--mapping_conv takes {', '.join(mapping.MAPPING_CONVS)}, "
+                     f"got {args.mapping_conv!r}.")
   peaks = parse_peaks(args.peak_tflops, dtypes)
   stages = split_choices("stages", args.stages, tuple(name for name, _ in STAGES))
   print("| model | input | batch | step | conv | dtype | XLA options | ms/step (range) | images/s "
@@ -259,6 +265,7 @@ def main():
           c = make_config(model, size, ch, batch)
           c.model.conv = conv
           c.model.dtype = dt
+          c.mapping.conv = args.mapping_conv
           for stage, label in STAGES:
             if stage not in stages:
               continue

@@ -99,7 +99,7 @@ def is_mapping(key: Iterable[str]) -> bool:
 
 
 def layer_signs(layers: Dict[Path, str], params, batch_stats, mapping_output: str = "raw",
-                mapping_init: str = "random") -> Dict[Path, jax.Array]:
+                mapping_init: str = "random", mapping_conv: str = "xla") -> Dict[Path, jax.Array]:
   """``{path: +-1 float}``: the signs each sign / LNS layer computes with (not scaled).
 
   ``sign(q_hat)`` with f_theta in eval mode for ``'lns'``, ``sign(W)`` for ``'sign'``;
@@ -114,14 +114,15 @@ def layer_signs(layers: Dict[Path, str], params, batch_stats, mapping_output: st
     if binarizer == "lns":
       mapping = {"params": p[MAPPING], "batch_stats": subtree(batch_stats, path)[MAPPING]}
     out[path] = binary_weights(p["kernel"], binarizer, mapping, weight_scale="none",
-                               mapping_output=mapping_output, mapping_init=mapping_init)
+                               mapping_output=mapping_output, mapping_init=mapping_init,
+                               mapping_conv=mapping_conv)
   return out
 
 
 def effective_signs(layers: Dict[Path, str], params, batch_stats, mapping_output: str = "raw",
-                    mapping_init: str = "random") -> dict:
+                    mapping_init: str = "random", mapping_conv: str = "xla") -> dict:
   """:func:`layer_signs` as an int8 tree (the flip rates' reference, Fig. 3c)."""
-  signs = layer_signs(layers, params, batch_stats, mapping_output, mapping_init)
+  signs = layer_signs(layers, params, batch_stats, mapping_output, mapping_init, mapping_conv)
   return traverse_util.unflatten_dict(
       {path: (w > 0).astype(jnp.int8) * 2 - 1 for path, w in signs.items()})
 

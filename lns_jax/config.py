@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mapping.ste = "clip_grad"        # how sign(q_hat) passes gradients (DESIGN decision 1)
   c.mapping.clip = 1.0               # 'clip_grad': bound on the gradient's value; 'window': |q_hat| <= clip
   c.mapping.shard = True             # several devices: each maps 1/N of every layer's filters
+  c.mapping.conv = "auto"            # f_theta's convs: 'xla' | 'winograd' | 'auto' (DECISIONS 15)
 
   c.data = data_config.default_data_config()
   c.batch_size = 128                 # global, over all devices and hosts (eval uses it too)
@@ -146,7 +147,10 @@ def from_saved_json(text: str) -> ml_collections.ConfigDict:
         fill(saved[key], defaults[key])
     return saved
 
-  return ml_collections.ConfigDict(fill(json.loads(text), base_config()))
+  saved = json.loads(text)
+  if isinstance(saved.get("mapping"), dict):  # runs saved before config.mapping.conv: XLA's
+    saved["mapping"].setdefault("conv", "xla")
+  return ml_collections.ConfigDict(fill(saved, base_config()))
 
 
 def stage_names(config) -> list:
@@ -276,6 +280,7 @@ def _validate_model(config) -> None:
   _check_choice(config, "mapping.ste", quantizers.MAPPING_STES)
   _check_choice(config, "mapping.init", mapping.MAPPING_INITS)
   _check_choice(config, "mapping.shard", (True, False))
+  _check_choice(config, "mapping.conv", mapping.MAPPING_CONVS)
 
 
 def _validate_data(config, num_devices: int) -> None:

@@ -192,7 +192,7 @@ def _binary_members(config, variables, trained_with, geometry):
       continue
     try:
       signs = binary.layer_signs({path: binarizer}, params, bstats, config.mapping.output,
-                                 config.mapping.init)[path]
+                                 config.mapping.init, config.mapping.get("conv", "xla"))[path]
       kernel = np.asarray(binary.subtree(params, path)["kernel"], np.float32)
     except (KeyError, TypeError) as e:
       raise ExportMismatchError(

@@ -40,7 +40,8 @@ class BinaryConv(nn.Module):
       collection under ``'pairs'`` so the trainer computes Eq. 15-21 without mapping
       again. ``q_tilde`` is under ``stop_gradient`` (Eq. 1: labels, not a path).
       ``mapping_ste`` is how ``sign(q_hat)`` passes the gradient
-      (:func:`lns_jax.quantizers.mapping_sign`; DESIGN decision 1 in the README).
+      (:func:`lns_jax.quantizers.mapping_sign`; DESIGN decision 1 in the README);
+      ``mapping_conv`` how f_theta's convs run (``config.mapping.conv``, DECISIONS 15).
   The scale ``s`` (``weight_scale``) is computed from the latent ``W`` under
   ``stop_gradient``, as DoReFa does, so gradients to ``W`` are exactly the STE's.
   ``conv`` (``config.model.conv``): ``'xla'`` is XLA's float conv of the ±1 values,
@@ -62,6 +63,7 @@ class BinaryConv(nn.Module):
   mapping_clip: Optional[float] = 1.0
   mapping_ste: str = "clip_grad"
   mapping_init: str = "random"
+  mapping_conv: str = "xla"  # MappingNet.conv_impl: 'xla' | 'winograd' | 'auto' (config.mapping.conv)
   mapping_sharding: Any = None  # MappingNet.filter_sharding: split f_theta over devices
   conv: str = "xla"  # 'xla' | 'packed' | 'auto' (lns_jax.xnor_conv)
   kernel_init: Callable = nn.initializers.kaiming_normal()
@@ -92,7 +94,8 @@ class BinaryConv(nn.Module):
     else:
       scale = lax.stop_gradient(quantizers.weight_scale(kernel, self.weight_scale))
       q_hat = MappingNet(output=self.mapping_output, start=self.mapping_init,
-                         filter_sharding=self.mapping_sharding, name="mapping")(kernel, train=train)
+                         conv_impl=self.mapping_conv, filter_sharding=self.mapping_sharding,
+                         name="mapping")(kernel, train=train)
       q_tilde = lax.stop_gradient(quantizers.sign(kernel))
       if not self.is_initializing():  # init must not leave stale pairs in the variables
         self.sow(LNS_COLLECTION, "pairs", (q_hat, q_tilde))
@@ -114,7 +117,7 @@ class BinaryConv(nn.Module):
 
 def binary_weights(kernel: Array, weight_binarizer: str, mapping_variables=None,
                    weight_scale: str = "layer", mapping_output: str = "raw",
-                   mapping_init: str = "random") -> Array:
+                   mapping_init: str = "random", mapping_conv: str = "xla") -> Array:
   """Inference-time weights of a BinaryConv: ``sign(.) * s`` without gradients.
 
   ``sign(q_hat)`` for ``'lns'`` (the paper keeps only these; the mapping normalises with
@@ -126,6 +129,6 @@ def binary_weights(kernel: Array, weight_binarizer: str, mapping_variables=None,
   scale = quantizers.weight_scale(kernel, weight_scale)
   if weight_binarizer == "sign":
     return quantizers.sign(kernel) * scale
-  q_hat = MappingNet(output=mapping_output, start=mapping_init).apply(
+  q_hat = MappingNet(output=mapping_output, start=mapping_init, conv_impl=mapping_conv).apply(
       mapping_variables, kernel, train=False)
   return quantizers.sign(q_hat) * scale

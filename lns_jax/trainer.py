@@ -77,7 +77,7 @@ def create_train_state(config, stage: str, model, tx: optax.GradientTransformati
     bstats = ckpt_lib.merge_variables(bstats, start["batch_stats"],
                                       "starting BatchNorm statistics")
   signs = binary.effective_signs(layers, params, bstats, config.mapping.output,
-                                 config.mapping.init)
+                                 config.mapping.init, config.mapping.conv)
   if start is not None and stages_lib.get(stage).flips_from_latent:
     # Fig. 3c counts flips of the network being fine-tuned: before warmup that is the
     # baseline, sign(W), not the signs of the freshly initialised mapping.
@@ -239,7 +239,8 @@ class _StageRun:
                              out_shardings=replicated, compiler_options=opts)
     self.signs_fn = jax.jit(functools.partial(binary.effective_signs, self.layers,
                                               mapping_output=config.mapping.output,
-                                              mapping_init=config.mapping.init),
+                                              mapping_init=config.mapping.init,
+                                              mapping_conv=config.mapping.conv),
                             out_shardings=replicated, compiler_options=fast)
 
   # -- restore or init

@@ -129,6 +129,7 @@ def _bad_inputs(t):
       train("--config.data.train_examples=0", "config.data.train_examples: 0 must be >= 1"),
       train("--config.alpha=nan", "config.alpha: nan must be finite"),
       train("--config.model.dtype=float16", "config.model.dtype: 'float16' is not one of"),
+      train("--config.mapping.conv=fft", "config.mapping.conv: 'fft' is not one of"),
       train("--config.lns.lr=inf", "config.lns.lr: inf must be finite"),
       train("--config.stages=", "config.stages: is empty"),
       train("--config.stages=pretrain,lnss", "config.stages: unknown stage 'lnss'"),

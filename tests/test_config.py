@@ -122,9 +122,12 @@ def test_saved_config_from_an_older_version_gets_the_new_fields_defaults():
   import json
   saved = json.loads(smoke_config().to_json_best_effort())
   del saved["mapping"]["init"], saved["mapping"]["shard"], saved["pretrain"]["optimizer"]
+  del saved["mapping"]["conv"]
   saved["alpha"] = 0.25
   c = config_lib.from_saved_json(json.dumps(saved))
   assert c.mapping.init == "random" and c.mapping.shard is True
+  # mapping.conv: the conv such a run was trained with (XLA's), not today's default 'auto'
+  assert c.mapping.conv == "xla" and config_lib.base_config().mapping.conv == "auto"
   assert c.pretrain.optimizer == "" and c.alpha == 0.25
   assert c.model.name == "resnet_tiny"  # saved values are kept
   config_lib.validate(c)

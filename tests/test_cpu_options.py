@@ -131,7 +131,9 @@ def test_train_step_benchmark_prints_a_row_per_option_set_and_dtype():
     ("--stages=warmup", "--stages takes pretrain, lns, got 'warmup'."),
     ("--dtype=float16", "--dtype takes float32, bfloat16, got 'float16'."),
     ("--peak_tflops=fast", "--peak_tflops takes a number or dtype=number pairs, got 'fast'."),
-    ("--peak_tflops=fp8=1", "--peak_tflops takes a number or dtype=number pairs, got 'fp8=1'.")])
+    ("--peak_tflops=fp8=1", "--peak_tflops takes a number or dtype=number pairs, got 'fp8=1'."),
+    ("--mapping_conv=xla,winograd", "--mapping_conv takes xla, winograd, auto, got "
+                                    "'xla,winograd'.")])
 def test_train_step_benchmark_refuses_bad_flags_with_one_line(flag, message):
   r = subprocess.run(BENCH + ["--steps=0", flag], cwd=ROOT, capture_output=True, text=True,
                      timeout=300)
@@ -140,64 +142,34 @@ def test_train_step_benchmark_refuses_bad_flags_with_one_line(flag, message):
   assert "| resnet20" not in r.stdout
 
 
-# benchmarks/mapping.py: f_theta alone, and its Winograd variant (a benchmark-only row).
-def _mapping_bench():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("mapping_bench",
-                                                os.path.join(ROOT, "benchmarks", "mapping.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def test_winograd_conv3x3_equals_xlas_conv_with_gradients():
-  bench = _mapping_bench()
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((5, 3, 3, 4)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((3, 3, 4, 6)), jnp.float32)
-  g = jnp.asarray(rng.standard_normal((5, 3, 3, 6)), jnp.float32)
-  conv = lambda a, b: lax.conv_general_dilated(a, b, (1, 1), "SAME",
-                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  y_ref, vjp_ref = jax.vjp(conv, x, k)
-  y, vjp = jax.vjp(bench.winograd_conv3x3, x, k)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(y_ref))))
-  for a, b in zip(vjp(g), vjp_ref(g)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
-
-
-def test_winograd_row_runs_the_same_mapping_without_a_conv():
-  """The interceptor swaps every f_theta conv (no convolution left in the program) and the
-  result is the trainer's MappingNet to float rounding, gradients to theta and W included."""
-  bench = _mapping_bench()
-  from lns_jax import mapping
-  kernels = {"a": jax.random.normal(jax.random.key(1), (3, 3, 4, 8)),
-             "b": jax.random.normal(jax.random.key(2), (3, 3, 8, 8))}
-  names = sorted(kernels)
-  v = {n: mapping.init_mapping(jax.random.key(i), kernels[n].shape) for i, n in enumerate(names)}
-  args = ({n: v[n]["params"] for n in names}, {n: v[n]["batch_stats"] for n in names}, kernels)
-  ref, out = (jax.jit(bench.make_fn(impl, names)).lower(*args) for impl in ("conv", "winograd"))
-  assert "convolution" in ref.as_text() and "convolution" not in out.as_text()
-  for a, b in zip(jax.tree.leaves(out.compile()(*args)), jax.tree.leaves(ref.compile()(*args))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
-
-
+# benchmarks/mapping.py: f_theta alone, XLA's conv against Winograd (config.mapping.conv).
 def test_mapping_benchmark_prints_a_row_per_impl():
   r = subprocess.run([sys.executable, "benchmarks/mapping.py", "--steps=1"], cwd=ROOT,
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "resnet20: 18 LNS layers" in r.stdout
   cells = [[c.strip() for c in l.split("|")[1:-1]] for l in r.stdout.splitlines()
-           if l.startswith(("| conv", "| winograd"))]
-  assert [c[0] for c in cells] == ["conv", "winograd"]
-  conv, wino = (float(c[2]) for c in cells)
-  assert 0 < wino < 0.7 * conv  # F(3x3, 3x3): about half the multiplies
-  assert cells[0][4] == "0.0e+00" and float(cells[1][4]) < 1e-4
+           if l.startswith("| resnet20")]
+  assert [c[:2] for c in cells] == [["resnet20, 18 LNS layers", "xla"],
+                                    ["resnet20, 18 LNS layers", "winograd"]]
+  xla, wino = (float(c[3]) for c in cells)
+  assert 0 < wino < 0.7 * xla  # F(3x3, 3x3): about half the multiplies
+  assert cells[0][5] == "1.00x" and cells[1][5].endswith("x")
+  assert cells[0][6] == "0.0e+00" and float(cells[1][6]) < 1e-4
+
+
+def test_mapping_benchmark_one_layer_per_channel_count():
+  r = subprocess.run([sys.executable, "benchmarks/mapping.py", "--steps=1", "--channels=4,8",
+                      "--impl=winograd"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  labels = [l.split("|")[1].strip() for l in r.stdout.splitlines() if l.startswith("| one")]
+  assert labels == ["one layer, 3x3x4x4", "one layer, 3x3x8x8"]
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--impl=fft", "--impl takes conv, winograd, got 'fft'."),
+    ("--impl=fft", "--impl takes xla, winograd, auto, got 'fft'."),
     ("--model=vgg", "--model takes resnet20, resnet18, got 'vgg'."),
-    ("--steps=0", "--steps must be at least 1, got 0.")])
+    ("--steps=0", "--steps must be at least 1, got 0."),
+    ("--channels=64,x", "--channels takes positive integers, got '64,x'.")])
 def test_mapping_benchmark_refuses_bad_flags_with_one_line(flag, message):
   r = subprocess.run([sys.executable, "benchmarks/mapping.py", flag], cwd=ROOT,
                      capture_output=True, text=True, timeout=300)

@@ -137,8 +137,19 @@ def mid_lns(full_run, tmp_path_factory):
   return cfg, variables
 
 
-def test_train_eval_and_export_use_the_same_signs_bit_for_bit(mid_lns):
+@pytest.mark.parametrize("mapping_conv", ["xla", "winograd"])
+def test_train_eval_and_export_use_the_same_signs_bit_for_bit(mid_lns, mapping_conv,
+                                                              monkeypatch):
+  """config.mapping.conv reaches every place that maps weights (DECISIONS 15): with
+  'winograd' each of them calls the Winograd conv, with 'xla' none does."""
+  from lns_jax import mapping as mapping_lib
+  calls = []
+  winograd = mapping_lib.winograd_conv3x3
+  monkeypatch.setattr(mapping_lib, "winograd_conv3x3", lambda *a: calls.append(1) or winograd(*a))
+  counts = []
   cfg, variables = mid_lns
+  cfg = cfg.copy_and_resolve_references()
+  cfg.mapping.conv = mapping_conv
   info = data_lib.get_info(cfg.data)
   model = models.from_config(cfg, "lns", info.num_classes)
   layers = binary.weight_binarizers(model, info.image_shape)
@@ -151,9 +162,17 @@ def test_train_eval_and_export_use_the_same_signs_bit_for_bit(mid_lns):
     return {"/".join(k[:-1]): np.asarray(quantizers.sign(v[0][0])) for k, v in flat.items()}
 
   in_train_step, in_eval = sown(True), sown(False)
+  counts.append(len(calls))
   flips = flax.traverse_util.flatten_dict(
-      binary.effective_signs(layers, variables["params"], variables["batch_stats"]))
+      binary.effective_signs(layers, variables["params"], variables["batch_stats"],
+                             mapping_conv=cfg.mapping.conv))
+  counts.append(len(calls))
   _, members = export.export_arrays(cfg, variables, "lns")
+  counts.append(len(calls))
+  if mapping_conv == "winograd":
+    assert 0 < counts[0] < counts[1] < counts[2]
+  else:
+    assert counts == [0, 0, 0]
   # The mapping moved during the stage: its running averages lag behind its filters.
   assert len(in_train_step) == sum(b == "lns" for b in layers.values()) > 0
   for name, signs in in_train_step.items():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lns_jax import mapping
 from lns_jax.mapping import MappingNet, init_mapping
 from lns_jax.mapping import map_weights as _map_weights_eager
 
@@ -285,3 +286,67 @@ def test_sign_init_starts_at_sign_of_w_and_trains_away_from_it():
   # ... and the random init does not start at sign(W).
   q_rand = np.asarray(map_weights(init_mapping(jax.random.PRNGKey(3), kernel.shape), kernel))
   assert np.mean(np.sign(q_rand) != np.sign(np.asarray(kernel))) > 0.1
+
+
+# config.mapping.conv: f_theta's convs as Winograd F(3x3, 3x3) (lns_jax.mapping).
+def _xla_conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("n,c,d", [(5, 4, 6), (1, 1, 1), (16, 8, 3)])
+def test_winograd_conv3x3_equals_xlas_conv_with_gradients(n, c, d):
+  rng = np.random.default_rng(n)
+  x, k, g = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+             for s in [(n, 3, 3, c), (3, 3, c, d), (n, 3, 3, d)])
+  y_ref, vjp_ref = jax.vjp(_xla_conv, x, k)
+  y, vjp = jax.vjp(mapping.winograd_conv3x3, x, k)
+  for a, b in zip((y, *vjp(g)), (y_ref, *vjp_ref(g))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_winograd_conv3x3_refuses_other_shapes():
+  with pytest.raises(ValueError, match="takes \\(n, 3, 3, c\\) images"):
+    mapping.winograd_conv3x3(jnp.zeros((2, 4, 4, 3)), jnp.zeros((3, 3, 3, 5)))
+
+
+@pytest.mark.parametrize("output,init", [("raw", "random"), ("tanh", "sign")])
+def test_winograd_mapping_equals_the_xla_one_with_gradients_and_statistics(output, init):
+  """Same parameters, q_hat to float rounding; gradients to theta and W and the running
+  statistics likewise, and no convolution left in the program."""
+  kernel = jnp.asarray(_kernel(3, 6, 10))
+  v = init_mapping(jax.random.key(0), kernel.shape, output, init)
+
+  def run(conv):
+    net = MappingNet(output=output, start=init, conv_impl=conv)
+
+    def objective(params, w):
+      q, upd = net.apply({"params": params, "batch_stats": v["batch_stats"]}, w, train=True,
+                         mutable=["batch_stats"])
+      return jnp.sum(jnp.square(q - jnp.sign(w))), (q, upd["batch_stats"])
+    fn = jax.jit(jax.grad(objective, argnums=(0, 1), has_aux=True))
+    return fn.lower(v["params"], kernel).as_text(), fn(v["params"], kernel)
+
+  hlo_x, ref = run("xla")
+  hlo_w, out = run("winograd")
+  assert "convolution" in hlo_x and "convolution" not in hlo_w
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_auto_is_winograd_on_a_cpu_from_256_channels(monkeypatch):
+  assert mapping.resolve_conv("auto", 255) == "xla"
+  assert mapping.resolve_conv("auto", mapping.WINOGRAD_MIN_CHANNELS) == "winograd"
+  assert mapping.resolve_conv("winograd", 1) == "winograd"
+  assert mapping.resolve_conv("xla", 4096) == "xla"
+  with pytest.raises(ValueError, match="mapping conv must be one of"):
+    mapping.resolve_conv("fft", 8)
+
+  def hlo(c):
+    k = jnp.zeros((3, 3, c, 2))
+    net = MappingNet(conv_impl="auto")
+    v = jax.eval_shape(lambda: net.init(jax.random.key(0), k, train=False))
+    return jax.jit(lambda v, k: net.apply(v, k, train=False)).lower(v, k).as_text()
+  assert "convolution" in hlo(255) and "convolution" not in hlo(256)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # not measured there: XLA's
+  assert mapping.resolve_conv("auto", 4096) == "xla" and "convolution" in hlo(256)

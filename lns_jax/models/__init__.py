@@ -67,7 +67,7 @@ def from_config(config, weights: str, num_classes: int, mesh=None):
       sharding = parallel.batch_sharding(mesh)
     kwargs = dict(mapping_output=mapping.output, mapping_clip=mapping.clip,
                   mapping_ste=mapping.ste, mapping_init=mapping.get("init", "random"),
-                  mapping_sharding=sharding)
+                  mapping_conv=mapping.get("conv", "xla"), mapping_sharding=sharding)
   return get_model(m.name, num_classes=num_classes, weight_binarizer=weights,
                    input_binarizer=m.input_binarizer, weight_scale=m.weight_scale,
                    clip=m.clip, conv=m.get("conv", "xla"),

@@ -24,6 +24,7 @@ class BinaryNet(nn.Module):
   mapping_clip: float = 1.0
   mapping_ste: str = "clip_grad"
   mapping_init: str = "random"
+  mapping_conv: str = "xla"
   mapping_sharding: Any = None
   conv: str = "xla"  # BinaryConv.conv: 'xla' | 'packed' | 'auto' (config.model.conv)
   bn_momentum: float = 0.9
@@ -35,7 +36,8 @@ class BinaryNet(nn.Module):
                   input_binarizer=self.input_binarizer, weight_scale=self.weight_scale,
                   clip=self.clip, mapping_output=self.mapping_output,
                   mapping_clip=self.mapping_clip, mapping_ste=self.mapping_ste,
-                  mapping_init=self.mapping_init, mapping_sharding=self.mapping_sharding,
+                  mapping_init=self.mapping_init, mapping_conv=self.mapping_conv,
+                  mapping_sharding=self.mapping_sharding,
                   conv=self.conv, dtype=self.dtype)
     kwargs.update(overrides)
     return functools.partial(BinaryConv, **kwargs)
