@@ -175,10 +175,10 @@ class MappingNet(nn.Module):
     if self.start not in MAPPING_INITS:
       raise ValueError(f"mapping init must be one of {MAPPING_INITS}, got {self.start!r}.")
     c = kernel.shape[2]
-    winograd = resolve_conv(self.conv_impl, c) == "winograd"
+    winograd = ({"conv_general_dilated": _winograd_conv_general}
+                if resolve_conv(self.conv_impl, c) == "winograd" else {})
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), strides=(1, 1), padding="SAME",
-                             dtype=self.dtype,
-                             conv_general_dilated=_winograd_conv_general if winograd else None)
+                             dtype=self.dtype, **winograd)
     norm = functools.partial(FilterNorm, momentum=self.bn_momentum, dtype=self.dtype)
     x = kernel_to_images(kernel)
     split = self.filter_sharding is not None and x.shape[0] % self.filter_sharding.mesh.size == 0
