@@ -63,7 +63,7 @@ class BinaryConv(nn.Module):
   mapping_clip: Optional[float] = 1.0
   mapping_ste: str = "clip_grad"
   mapping_init: str = "random"
-  mapping_conv: str = "xla"  # MappingNet.conv_impl: 'xla' | 'winograd' | 'auto' (config.mapping.conv)
+  mapping_conv: str = "xla"  # MappingNet.conv_impl (config.mapping.conv)
   mapping_sharding: Any = None  # MappingNet.filter_sharding: split f_theta over devices
   conv: str = "xla"  # 'xla' | 'packed' | 'auto' (lns_jax.xnor_conv)
   kernel_init: Callable = nn.initializers.kaiming_normal()
