@@ -39,13 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import traverse_util  # noqa: E402
 
 from lns_jax import config as config_lib  # noqa: E402
 from lns_jax import binary, loss, mapping, models, parallel  # noqa: E402
 
 IMPLS = mapping.MAPPING_CONVS
 MODELS = {"resnet20": (32, 3, 10), "resnet18": (224, 3, 1000)}
+
 
 def lns_kernels(model_name, key):
   """``{layer: random kernel}`` of every LNS layer of ``model_name`` (shapes as trained)."""
