@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -42,6 +41,7 @@ import numpy as np  # noqa: E402
 
 from lns_jax import config as config_lib  # noqa: E402
 from lns_jax import binary, loss, mapping, models, parallel  # noqa: E402
+from train_step import time_alternating  # noqa: E402  (this folder is sys.path[0])
 
 IMPLS = mapping.MAPPING_CONVS
 MODELS = {"resnet20": (32, 3, 10), "resnet18": (224, 3, 1000)}
@@ -101,16 +101,17 @@ def time_rows(kernels, impls, steps, opts):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     q_hats, _ = jax.block_until_ready(compiled(*args))
-    rows.append({"impl": impl, "run": compiled, "compile_s": compile_s, "q": q_hats,
-                 "gflop": (cost or {}).get("flops", float("nan")) / 1e9, "times": []})
-  for _ in range(steps):
-    for r in rows:
+
+    def run(compiled=compiled):
       t = time.perf_counter()
-      jax.block_until_ready(r["run"](*args))
-      r["times"].append(time.perf_counter() - t)
+      jax.block_until_ready(compiled(*args))
+      return time.perf_counter() - t
+
+    rows.append({"impl": impl, "run": run, "compile_s": compile_s, "q": q_hats,
+                 "gflop": (cost or {}).get("flops", float("nan")) / 1e9, "times": []})
+  time_alternating(rows, steps)
   ref = rows[0]["q"]
   for r in rows:
-    r["ms"] = 1000 * statistics.median(r["times"])
     r["diff"] = max(float(jnp.max(jnp.abs(r["q"][n] - ref[n])) / jnp.max(jnp.abs(ref[n])))
                     for n in names)
   return rows
@@ -155,8 +156,8 @@ def main():
   for label, kernels in cases:
     rows = time_rows(kernels, impls, args.steps, opts)
     for r in rows:
-      print(f"| {label} | {r['impl']} | {r['ms']:.1f} ({1000 * min(r['times']):.0f}-"
-            f"{1000 * max(r['times']):.0f}) | {r['gflop']:.2f} | "
+      print(f"| {label} | {r['impl']} | {r['ms']:.1f} ({r['ms_range'][0]:.0f}-"
+            f"{r['ms_range'][1]:.0f}) | {r['gflop']:.2f} | "
             f"{r['gflop'] / r['ms'] * 1000:.0f} | {rows[0]['ms'] / r['ms']:.2f}x | "
             f"{r['diff']:.1e} | {r['compile_s']:.1f} |")
   dev = jax.devices()[0]

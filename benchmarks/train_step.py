@@ -113,7 +113,8 @@ def prepare_step(config, stage, image_shape, num_classes, cpu_options="project")
 
 def time_alternating(cases, steps, warmup=2):
   """Times ``steps`` steps of every prepared case, one step of each in turn, so that a
-  change in the machine's load falls on all of them alike; fills ms, ips, ms_range."""
+  change in the machine's load falls on all of them alike; fills ms, ms_range and, for
+  cases with a ``batch``, ips."""
   for c in cases:
     for _ in range(warmup if steps else 0):
       c["run"]()
@@ -123,7 +124,8 @@ def time_alternating(cases, steps, warmup=2):
   for c in cases:
     ts = c["times"]
     c["ms"] = 1000 * statistics.median(ts) if ts else float("nan")
-    c["ips"] = c["batch"] / c["ms"] * 1000
+    if "batch" in c:
+      c["ips"] = c["batch"] / c["ms"] * 1000
     c["ms_range"] = (1000 * min(ts), 1000 * max(ts)) if ts else None
 
 

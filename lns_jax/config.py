@@ -133,24 +133,27 @@ def parse_args(arg: str, allowed, config_file: str) -> set:
   return args
 
 
+# Fields whose default is not what a run saved before the field existed did: such a run
+# reads with this value instead (config.mapping.conv: those runs mapped with XLA's conv).
+_BEFORE_THE_FIELD = {"mapping.conv": "xla"}
+
+
 def from_saved_json(text: str) -> ml_collections.ConfigDict:
   """A run's saved config (``config.json``, a checkpoint's or an export's), with the
-  defaults of fields added since it was saved, so older runs still load."""
+  defaults of fields added since it was saved (or what those runs did, where that
+  differs: ``_BEFORE_THE_FIELD``), so older runs still load."""
   import json
 
-  def fill(saved: dict, defaults: ml_collections.ConfigDict) -> dict:
+  def fill(saved: dict, defaults: ml_collections.ConfigDict, prefix: str = "") -> dict:
     for key in defaults.keys():
       if key not in saved:
-        value = defaults[key]
+        value = _BEFORE_THE_FIELD.get(prefix + key, defaults[key])
         saved[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
       elif isinstance(defaults[key], ml_collections.ConfigDict) and isinstance(saved[key], dict):
-        fill(saved[key], defaults[key])
+        fill(saved[key], defaults[key], f"{prefix}{key}.")
     return saved
 
-  saved = json.loads(text)
-  if isinstance(saved.get("mapping"), dict):  # runs saved before config.mapping.conv: XLA's
-    saved["mapping"].setdefault("conv", "xla")
-  return ml_collections.ConfigDict(fill(saved, base_config()))
+  return ml_collections.ConfigDict(fill(json.loads(text), base_config()))
 
 
 def stage_names(config) -> list:
