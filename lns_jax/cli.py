@@ -1,21 +1,9 @@
 """What the command-line entry points (train.py, summary, export, inference) share."""
 
-import os
-
 from absl import flags, logging
 
-# TensorFlow is only the input pipeline (tf.data). Without these its C++ start-up
-# prints "oneDNN custom operations are on" and absl's "All log messages before
-# absl::InitializeLog() is called are written to STDERR" (twice each) on every run.
-# oneDNN's custom ops speed up matmuls and convs, which tf.data never runs: the
-# pipeline's batches are bit for bit the same without them.
-QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
-
-
-def quiet_environment() -> None:
-  """Sets :data:`QUIET_ENV` where unset; works only before tensorflow's first import."""
-  for key, value in QUIET_ENV.items():
-    os.environ.setdefault(key, value)
+# TensorFlow's quiet start-up is owned by the data package, which imports TensorFlow.
+from lns_jax.data.build import QUIET_ENV, quiet_environment  # noqa: F401
 
 
 def quiet_logging() -> None:

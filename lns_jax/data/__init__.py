@@ -6,6 +6,7 @@ config. The package's parts:
 
 * :mod:`~lns_jax.data.defaults`  ``config.data``'s fields and the loader choices (no TensorFlow);
 * :mod:`~lns_jax.data.specs`     each dataset's facts, its original files and where they live;
+* :mod:`~lns_jax.data.files`     the original files of the small datasets, read with NumPy;
 * :mod:`~lns_jax.data.build`     the offline TFDS build (:func:`prepare`), never the network;
 * :mod:`~lns_jax.data.splits`    which examples each split, process and step reads;
 * :mod:`~lns_jax.data.augment`   per-example randomness as a hash of (seed, epoch, index);

@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from lns_jax.data import augment, build, specs, splits
+from lns_jax.data import augment, build, files, specs, splits
 from lns_jax.data.build import tf, tfds
 
 
@@ -71,6 +71,7 @@ def _load_in_memory(ddir: str, name: str, split: str):
 def clear_cache() -> None:
   """Frees the datasets held in memory (by either loader)."""
   _load_in_memory.cache_clear()
+  files.clear_cache()  # the NumPy loader's files (read by splits.get_info too)
   if "lns_jax.data.numpy_loader" in sys.modules:
     sys.modules["lns_jax.data.numpy_loader"].clear_cache()
 

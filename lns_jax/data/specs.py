@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from lns_jax.config import ConfigError
+from lns_jax.errors import ConfigError
 from lns_jax.data.defaults import check_loader, default_data_config
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"

@@ -54,8 +54,8 @@ def split_sizes(data) -> tuple:
   """(train, test) sizes of the dataset as stored, or the nominal ones until it is."""
   spec = specs.spec(data.name)
   if specs.loader(data) == "numpy":
-    from lns_jax.data import numpy_loader
-    return numpy_loader.split_sizes(data)
+    from lns_jax.data import files
+    return files.split_sizes(data)
   try:
     from lns_jax.data import build
     splits = build.builder(data).info.splits

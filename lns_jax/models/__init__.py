@@ -77,7 +77,7 @@ def from_config(config, weights: str, num_classes: int, mesh=None):
 def check_input_shape(config, num_classes: int, image_shape) -> None:
   """Raises ``ConfigError`` (one line) if ``config.model`` cannot take ``image_shape``."""
   from lns_jax.binary import abstract_variables
-  from lns_jax.config import ConfigError
+  from lns_jax.errors import ConfigError
   model = from_config(config, "pretrain", num_classes)
   try:
     abstract_variables(model, image_shape)
