@@ -11,16 +11,25 @@ Arguments (comma-separated, e.g. ``:quick,val``):
              (Fashion-MNIST has none; settings are chosen on it, never on test);
   ``sgd``    the paper's fine-tuning recipe for warmup/lns/finetune (SGD, momentum
              0.9, lr 0.01, x0.1 step decay, as ``configs/cifar10_r20.py``) from the
-             same Adam baseline: the pretrain stage is unchanged.
+             same Adam baseline: the pretrain stage is unchanged;
+  ``paper``  the paper's CIFAR-10 recipe (Sec. 4) in miniature, SGD for every stage:
+             pretraining from scratch at lr 0.1 (momentum 0.9, weight decay 0,
+             batch 128, x0.1 at 50% and 75%), then fine-tuning (finetune, and
+             warmup + lns) for 30% of the pretraining epochs from lr 0.01, x0.1 every
+             quarter; alpha 1, rho 0.005 (README "Does LNS work?", DECISIONS 16).
 """
 
 from lns_jax.config import base_config, parse_args
 
 
 def get_config(arg: str = ""):
-  args = parse_args(arg, {"quick", "smoke", "val", "sgd"}, "configs/fashion_mnist_r20.py")
+  args = parse_args(arg, {"quick", "smoke", "val", "sgd", "paper"},
+                    "configs/fashion_mnist_r20.py")
   if {"quick", "smoke"} <= args:
     raise ValueError("configs/fashion_mnist_r20.py: use one of 'quick' and 'smoke'.")
+  if {"sgd", "paper"} <= args:
+    raise ValueError("configs/fashion_mnist_r20.py: use one of 'sgd' (SGD fine-tuning of "
+                     "the Adam baseline) and 'paper' (SGD throughout).")
   c = base_config()
   c.data.name = "fashion_mnist"
   c.model.name = "resnet20"
@@ -63,6 +72,8 @@ def get_config(arg: str = ""):
       stage.schedule = "piecewise"
       stage.decay_epochs = (0.5, 1.0, 1.5)
     c.warmup.lr = 0.01
+  if "paper" in args:
+    paper_recipe(c)
   if "val" in args:
     c.data.val_examples = 10_000
   if "quick" in args:
@@ -71,11 +82,11 @@ def get_config(arg: str = ""):
     c.warmup.epochs = 0.1
     c.lns.epochs = 0.25
     c.finetune.epochs = 0.25
-    if "sgd" not in args:
+    if "sgd" not in args and "paper" not in args:
       c.lns.lr = 1e-4
       c.finetune.lr = 1e-4
     else:
-      c.lns.decay_epochs = c.finetune.decay_epochs = ()
+      c.lns.decay_epochs = c.finetune.decay_epochs = c.pretrain.decay_epochs = ()
     c.eval_every_epochs = 1
   elif "smoke" in args:
     c.model.name = "resnet_tiny"
@@ -95,3 +106,31 @@ def get_config(arg: str = ""):
     c.log_every_steps = 4
     c.checkpoint_every_steps = 4
   return c
+
+
+# The pretraining length of ``:paper``: 12 epochs at batch 128 (the paper: 400 on CIFAR-10).
+PAPER_PRETRAIN_EPOCHS = 12
+
+
+def paper_recipe(c):
+  """The paper's CIFAR-10 ResNet-20 recipe (Sec. 4), its proportions kept on 12 epochs.
+
+  Pretraining: SGD lr 0.1, momentum 0.9, weight decay 0, batch 128, x0.1 at 50% and
+  75% (the paper: 400 epochs, x0.1 at 200 and 300). Fine-tuning (finetune; warmup then
+  lns): 30% of the pretraining epochs (the paper: 120 after 400) from lr 0.01, x0.1
+  every quarter (at 30, 60, 90 of 120). The warm start: 0.5 epoch of f_theta alone at
+  lr 0.01 against sign(W) (``warmup.alpha`` defaults to ``alpha``).
+  """
+  n = PAPER_PRETRAIN_EPOCHS
+  c.optimizer, c.momentum, c.weight_decay, c.batch_size = "sgd", 0.9, 0.0, 128
+  c.pretrain.update(optimizer="", epochs=n, lr=0.1, schedule="piecewise",
+                    decay_epochs=(n / 2, 3 * n / 4))
+  ft = round(0.3 * n, 6)
+  for stage in (c.lns, c.finetune):
+    stage.update(optimizer="", epochs=ft, lr=0.01, schedule="piecewise",
+                 decay_epochs=tuple(round(ft * q / 4, 6) for q in (1, 2, 3)))
+  c.warmup.update(optimizer="", epochs=0.5, lr=0.01, schedule="constant", decay_epochs=())
+  c.alpha, c.rho = 1.0, 0.005
+  c.log_every_steps = 100
+  # Fig. 3's curves over a 3.6-epoch stage: flip rates and evaluation every half epoch.
+  c.evals_per_epoch = 2

@@ -2,16 +2,28 @@
 
   python -m lns_jax.ablation --config=configs/fashion_mnist_r20.py:val --workdir=DIR --seeds=3
   python -m lns_jax.ablation ... --alphas=0,0.1,1,10 --rhos=0,0.005,0.05     # Fig. 4 / Fig. 5
+  python -m lns_jax.ablation ... --extra_rows=alpha0_cewarm,other_reduction
 
 The baseline is pretrained once (``DIR/baseline``, or reused with ``--baseline=PATH``);
 then, from that same baseline and for each seed, three variants with the same epochs,
 schedule and batch (``finetune`` runs with ``config.lns``'s epochs and schedule):
 
   finetune     continue the baseline with sign(W), cross-entropy;
-  lns_alpha0   warmup + lns with alpha = 0 ("w/o noisy supervision");
+  lns_alpha0   warmup + lns with alpha = 0 in the LNS stage ("w/o noisy supervision"),
+               after the same warm start as ``lns`` (f_theta fitted to sign(W) with
+               the warm start's alpha: the paper's reading, DECISIONS 17);
   lns          warmup + lns with the config's alpha and rho;
 
-plus ``lns_alpha<a>`` / ``lns_rho<r>`` for the sweeps. The seed changes the data order
+plus ``lns_alpha<a>`` / ``lns_rho<r>`` for the sweeps (the LNS stage's alpha or rho;
+every LNS row has the same warm start's alpha), and with ``--extra_rows``:
+
+  lns_alpha0_cewarm   alpha = 0 in the warm start too (the earlier reading: f_theta
+                      warmed up with cross-entropy alone from its random init);
+  lns_<reduction>     lns with the other reduction of Eq. 15 (``sum``, Eq. 17, or
+                      ``mean``, Eq. 16) than the config's.
+
+A run that stops on a non-finite loss (``config.on_nonfinite='stop'``) is recorded as
+failed (``failed.json`` in its folder, a row of the table) and the ablation goes on. The seed changes the data order
 and the mapping's initialisation. Every run is a ``train.py`` workdir
 (``DIR/<variant>/seed<k>``): a finished run is not repeated, an interrupted one resumes
 from its newest checkpoint. Results: ``DIR/ablation.json`` (top-1 as fractions),
@@ -38,6 +50,8 @@ BASELINE_FIELDS = ("seed", "model", "data", "batch_size", "optimizer", "momentum
                    "weight_decay", "pretrain")
 # Relative cost of an epoch, for the ETA: the mapping networks make LNS steps dearer.
 _COST = {"pretrain": 1.0, "finetune": 1.0, "warmup": 1.2, "lns": 1.2}
+EXTRA_ROWS = ("alpha0_cewarm", "other_reduction")
+FAILED = "failed.json"
 
 
 class AblationError(ValueError):
@@ -51,6 +65,8 @@ class Run:
   stages: str
   alpha: float
   rho: float
+  warmup_alpha: Optional[float] = None  # the warm start's alpha (LNS rows)
+  reduction: str = ""                   # '' = the config's
 
   def workdir(self, root: str) -> str:
     return os.path.join(root, self.variant, f"seed{self.seed}")
@@ -64,20 +80,42 @@ def _fmt(x: float) -> str:
   return f"{x:g}"
 
 
-def plan(config, seeds: int, alphas: Sequence[float] = (), rhos: Sequence[float] = ()) -> List[Run]:
-  """Every run of the ablation, seed-major (all variants of seed 0 first)."""
+def plan(config, seeds: int, alphas: Sequence[float] = (), rhos: Sequence[float] = (),
+         extra_rows: Sequence[str] = (), sweep_seeds: Optional[int] = None) -> List[Run]:
+  """Every run of the ablation, seed-major (all variants of seed 0 first); the sweeps'
+  points and the extra rows for the first ``sweep_seeds`` seeds (default: all)."""
   if seeds < 1:
     raise AblationError(f"--seeds={seeds}: give at least 1.")
+  sweep_seeds = seeds if sweep_seeds is None else sweep_seeds
+  if not 0 <= sweep_seeds <= seeds:
+    raise AblationError(f"--sweep_seeds={sweep_seeds}: give 0 to --seeds ({seeds}).")
+  for row in extra_rows:
+    if row not in EXTRA_ROWS:
+      raise AblationError(f"--extra_rows: {row!r} is not one of {', '.join(EXTRA_ROWS)}.")
   alpha, rho = float(config.alpha), config.rho
-  variants = {"finetune": ("finetune", 0.0, rho), "lns_alpha0": ("warmup,lns", 0.0, rho),
-              "lns": ("warmup,lns", alpha, rho)}
+  # The warm start of every LNS row fits f_theta with the same alpha (DECISIONS 17).
+  warm = float(config.alpha if config.warmup.get("alpha") is None else config.warmup.alpha)
+  lns = lambda a, r, **kw: dict(stages="warmup,lns", alpha=a, rho=r, warmup_alpha=warm, **kw)
+  variants = {"finetune": dict(stages="finetune", alpha=0.0, rho=rho),
+              "lns_alpha0": lns(0.0, rho), "lns": lns(alpha, rho)}
+  sweep = set()
   for a in alphas:
     if a != alpha and a != 0:
-      variants[f"lns_alpha{_fmt(a)}"] = ("warmup,lns", float(a), rho)
+      variants[f"lns_alpha{_fmt(a)}"] = lns(float(a), rho)
+      sweep.add(f"lns_alpha{_fmt(a)}")
   for r in rhos:
     if r != rho:
-      variants[f"lns_rho{_fmt(r)}"] = ("warmup,lns", alpha, float(r))
-  return [Run(v, s, *spec) for s in range(seeds) for v, spec in variants.items()]
+      variants[f"lns_rho{_fmt(r)}"] = lns(alpha, float(r))
+      sweep.add(f"lns_rho{_fmt(r)}")
+  if "alpha0_cewarm" in extra_rows:
+    variants["lns_alpha0_cewarm"] = lns(0.0, rho) | {"warmup_alpha": 0.0}
+    sweep.add("lns_alpha0_cewarm")
+  if "other_reduction" in extra_rows:
+    other = "sum" if config.reduction == "mean" else "mean"
+    variants[f"lns_{other}"] = lns(alpha, rho, reduction=other)
+    sweep.add(f"lns_{other}")
+  return [Run(v, s, **spec) for s in range(seeds) for v, spec in variants.items()
+          if v not in sweep or s < sweep_seeds]
 
 
 def run_config(config, run: Run, baseline_final: str):
@@ -88,10 +126,42 @@ def run_config(config, run: Run, baseline_final: str):
   c.alpha = run.alpha
   c.rho = run.rho
   c.init_from = baseline_final
+  c.warmup.alpha = run.warmup_alpha
+  c.lns.alpha = None  # the LNS stage's alpha is the run's: config.alpha
+  if run.reduction:
+    c.reduction = run.reduction
   # Same epochs, schedule and optimizer for fine-tuning as for the LNS stage.
   for key in c.lns.keys():
-    c.finetune[key] = c.lns[key]
+    if key != "alpha":  # fine-tuning's objective is cross-entropy alone
+      c.finetune[key] = c.lns[key]
   return c
+
+
+# The objective's fields of a run, read back from its config.json to refuse a folder
+# made under another reading (e.g. lns_alpha0 before its warm start had its own alpha).
+def _objective(config, stages: str) -> dict:
+  from lns_jax import config as config_lib
+  out = {"rho": json.dumps(config.rho), "reduction": config.reduction}
+  for s in stages.split(","):
+    out[f"{s}.alpha"] = config_lib.stage_alpha(config, s)
+  return out
+
+
+def check_run_dir(config, workdir: str, stages: str) -> None:
+  """A run folder that exists must hold the same objective as the run planned now."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  from lns_jax import config as config_lib
+  with open(path) as f:
+    saved = _objective(config_lib.from_saved_json(f.read()), stages)
+  now = _objective(config, stages)
+  for key, value in now.items():
+    if saved[key] != value:
+      raise AblationError(
+          f"{workdir} was run with {key} = {saved[key]} where this ablation plans {value} "
+          f"(an ablation of another config or an earlier reading of the row); use another "
+          f"--workdir.")
 
 
 def baseline_config(config):
@@ -128,6 +198,10 @@ def run_record(run: Run, workdir: str) -> Optional[dict]:
   the config has a validation split (never chosen on test), else the final one.
   """
   path = os.path.join(workdir, run.last_stage, "result.json")
+  failed = os.path.join(workdir, FAILED)
+  if os.path.exists(failed) and not os.path.exists(path):
+    with open(failed) as f:
+      return {"seed": run.seed, "failed": json.load(f)["error"]}
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -176,7 +250,8 @@ def collect(root: str, runs: List[Run], baseline: str = "") -> dict:
     out["variants"].setdefault(run.variant, [])
     rec = run_record(run, run.workdir(root))
     if rec is not None:
-      rec.update(alpha=run.alpha, rho=run.rho)
+      rec.update(alpha=run.alpha, rho=run.rho, warmup_alpha=run.warmup_alpha,
+                 reduction=run.reduction or None)
       out["variants"][run.variant].append(rec)
   return out
 
@@ -215,8 +290,12 @@ def table(results: dict) -> str:
     if has_val:
       row += ["-", _mean_std([b.get("val_top1")])]
     rows.append("| " + " | ".join(row) + " |")
-  for name, recs in results["variants"].items():
+  for name, all_recs in results["variants"].items():
+    recs = [r for r in all_recs if "failed" not in r]
+    failed = len(all_recs) - len(recs)
     row = [name, str(len(recs)), _best_mean_std([r["test_top1"] for r in recs])]
+    if failed:
+      row[1] += f" (+{failed} failed: non-finite)"
     if has_val:
       row += [_mean_std([r.get("best_test_top1") for r in recs]),
               _mean_std([r.get("val_top1") for r in recs])]
@@ -235,6 +314,7 @@ def write_report(root: str, runs: List[Run], config, extra: Optional[dict] = Non
     json.dump(results, f, indent=2)
   os.replace(tmp, os.path.join(root, "ablation.json"))
   tab = table(results)
+  failures = [(name, r) for name, rs in results["variants"].items() for r in rs if "failed" in r]
   figs = plots.ablation_figures(root, runs, results)
   lines = ["# Ablation (Table 1)", "",
            f"Config: `{extra.get('config_arg', '') if extra else ''}`; top-1 in %, mean ± "
@@ -242,6 +322,10 @@ def write_report(root: str, runs: List[Run], config, extra: Optional[dict] = Non
   if not any("val_top1" in r for rs in results["variants"].values() for r in rs):
     lines += ["No validation split in this config: only final test accuracy is reported "
               "(no epoch is chosen on the test split).", ""]
+  for name, r in failures:
+    lines += [f"- {name} seed {r['seed']} failed: {r['failed']}"]
+  if failures:
+    lines += [""]
   for path in figs:
     lines += [f"![{os.path.basename(path)}]({os.path.basename(path)})", ""]
   with open(os.path.join(root, "ablation.md"), "w") as f:
@@ -259,12 +343,14 @@ def _run_cost(config, run: Run) -> float:
 
 
 def _finished(workdir: str, stages: str) -> bool:
-  return os.path.exists(os.path.join(workdir, stages.split(",")[-1], "result.json"))
+  """Done: its last stage's result, or a recorded failure (a rerun would fail alike)."""
+  return (os.path.exists(os.path.join(workdir, stages.split(",")[-1], "result.json"))
+          or os.path.exists(os.path.join(workdir, FAILED)))
 
 
 def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
-                 baseline: str = "", *, config_arg: str = "", log=print,
-                 stop_at=None) -> dict:
+                 baseline: str = "", *, extra_rows=(), sweep_seeds=None, config_arg: str = "",
+                 log=print, stop_at=None) -> dict:
   """Runs (or resumes) the whole ablation; returns ``ablation.json``'s content.
 
   ``stop_at=(variant, seed, stage, step)`` interrupts one run as a preemption would
@@ -273,7 +359,7 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
   from lns_jax import parallel, trainer
 
   root = os.path.abspath(os.path.expanduser(workdir))
-  runs = plan(config, seeds, alphas, rhos)
+  runs = plan(config, seeds, alphas, rhos, extra_rows, sweep_seeds)
   base_dir = os.path.join(root, BASELINE)
   baseline_final = baseline or os.path.join(base_dir, "pretrain", "final")
   bcfg = baseline_config(config)
@@ -298,15 +384,32 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
       return {"interrupted": True, "run": BASELINE, "signal": _signal(res)}
     done_cost += float(config.pretrain.epochs)
 
-  extra = {"config_arg": config_arg, "seeds": seeds, "baseline_checkpoint": baseline_final}
+  stage_dir = os.path.normpath(baseline_final)
+  if os.path.basename(stage_dir) == "final":
+    stage_dir = os.path.dirname(stage_dir)
+  extra = {"config_arg": config_arg, "seeds": seeds, "baseline_checkpoint": baseline_final,
+           "baseline_workdir": os.path.dirname(stage_dir)}
   for i, run in enumerate(runs, 1):
     wd = run.workdir(root)
     if _finished(wd, run.stages):
       continue
     log(f"[ablation] run {i}/{len(runs)}: {run.variant} seed {run.seed} "
-        f"({run.stages}, alpha {run.alpha:g}, rho {run.rho}) in {wd}; {eta()}")
-    res = trainer.train(run_config(config, run, baseline_final), wd,
-                        stop_at=_stop(stop_at, run.variant, run.seed))
+        f"({run.stages}, alpha {run.alpha:g}, rho {run.rho}"
+        + (f", warm start alpha {run.warmup_alpha:g}" if run.warmup_alpha is not None else "")
+        + (f", reduction {run.reduction}" if run.reduction else "") + f") in {wd}; {eta()}")
+    try:
+      res = trainer.train(run_config(config, run, baseline_final), wd,
+                          stop_at=_stop(stop_at, run.variant, run.seed))
+    except trainer.TrainingError as e:
+      if "NaN/Inf" not in str(e):
+        raise
+      # A divergence is a result of the row (e.g. Eq. 17's sum with SGD); the rest runs.
+      log(f"[ablation] {run.variant} seed {run.seed} failed: {e}")
+      if parallel.is_main_process():
+        from lns_jax import workdir as workdir_lib
+        workdir_lib.write_json_atomic(os.path.join(wd, FAILED), {"error": str(e)})
+        write_report(root, runs, config, extra, baseline)
+      continue
     if any(r.get("interrupted") for r in res.values()):
       return {"interrupted": True, "run": f"{run.variant}/seed{run.seed}", "signal": _signal(res)}
     done_cost += costs[run]
@@ -326,8 +429,10 @@ def _check_before_writing(config, runs, bcfg, baseline, baseline_final, base_dir
   from lns_jax import parallel
   num_devices = parallel.make_mesh().size
   config_lib.validate(bcfg, num_devices=num_devices)
-  for cfg_check in {r.variant: run_config(config, r, baseline_final) for r in runs}.values():
+  for r in runs:
+    cfg_check = run_config(config, r, baseline_final)
     config_lib.validate(cfg_check, num_devices=num_devices)
+    check_run_dir(cfg_check, r.workdir(os.path.abspath(os.path.dirname(base_dir))), r.stages)
   if baseline:
     try:
       ckpt_lib.load_variables(baseline)
@@ -392,7 +497,9 @@ def main(argv):
   config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
   try:
     out = run_ablation(fl.config, fl.workdir, fl.seeds, parse_floats(fl.alphas, "alphas"),
-                       parse_floats(fl.rhos, "rhos"), fl.baseline, config_arg=config_arg)
+                       parse_floats(fl.rhos, "rhos"), fl.baseline, config_arg=config_arg,
+                       extra_rows=[r.strip() for r in fl.extra_rows.split(",") if r.strip()],
+                       sweep_seeds=None if fl.sweep_seeds < 0 else fl.sweep_seeds)
   except (AblationError, config_lib.ConfigError, DatasetNotFoundError,
           CheckpointMismatchError, trainer.TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -416,6 +523,10 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seeds", 3, "Seeds per variant.")
   flags.DEFINE_string("alphas", "", "Fig. 4 sweep, e.g. 0,0.1,1,10.")
   flags.DEFINE_string("rhos", "", "Fig. 5 sweep, e.g. 0,0.005,0.05.")
+  flags.DEFINE_integer("sweep_seeds", -1, "Seeds of the sweeps' points and the extra rows "
+                       "(default: --seeds).")
+  flags.DEFINE_string("extra_rows", "", "Extra rows: alpha0_cewarm (alpha 0 in the warm "
+                      "start too), other_reduction (lns with the other reduction of Eq. 15).")
   flags.DEFINE_string("baseline", "", "Reuse this pretrained baseline (a stage or final/ "
                       "folder) instead of pretraining one in WORKDIR/baseline.")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -15,15 +15,12 @@ from typing import Iterable
 
 import ml_collections
 
+from lns_jax.errors import ConfigError  # one floor down: models and data raise it too
 from lns_jax.stages import NAMES as STAGES  # what each stage is: lns_jax.stages
 
 # The allowed values of the method's fields are owned by the modules that implement them
 # (quantizers, mapping, loss, optim, models) and read from there in :func:`validate`.
 LABELS = ("current", "pretrained")
-
-
-class ConfigError(ValueError):
-  """A config value is invalid; the message names the field and what is allowed."""
 
 
 def stage_config(epochs=1.0, lr=0.1, schedule="piecewise", decay_epochs=(), decay_factor=0.1,
@@ -35,6 +32,10 @@ def stage_config(epochs=1.0, lr=0.1, schedule="piecewise", decay_epochs=(), deca
   c.schedule = schedule             # 'piecewise' | 'cosine' | 'constant'
   c.decay_epochs = tuple(decay_epochs)  # piecewise: multiply by decay_factor at these epochs
   c.decay_factor = float(decay_factor)
+  # Eq. 21's alpha for this stage's objective; None = config.alpha. Only the stages whose
+  # objective is Eq. 21 (warmup, lns) read it: the warm start has its own, so that an
+  # alpha = 0 LNS stage can follow a warm start fitted to sign(W) (DECISIONS 17).
+  c.alpha = ml_collections.FieldReference(None, field_type=float)
   return c
 
 
@@ -84,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1
+  # > 1: flip rates and evaluation this many times an epoch (Fig. 3's curves of a short
+  # stage); each point's flip rate is then since the previous point.
+  c.evals_per_epoch = 1
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
   c.on_nonfinite = "stop"            # 'stop' | 'skip' (skip the step, count it)
@@ -156,6 +160,16 @@ def from_saved_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fill(json.loads(text), base_config()))
 
 
+def stage_alpha(config, stage: str) -> float:
+  """Eq. 21's alpha of ``stage``: its own ``config.<stage>.alpha``, else ``config.alpha``;
+  0 for a stage whose objective is cross-entropy alone (:mod:`lns_jax.stages`)."""
+  from lns_jax.stages import STAGES as TABLE
+  if not TABLE[stage].noisy_supervision:
+    return 0.0
+  own = config[stage].get("alpha")
+  return float(config.alpha if own is None else own)
+
+
 def stage_names(config) -> list:
   return [s.strip() for s in str(config.stages).split(",") if s.strip()]
 
@@ -204,7 +218,7 @@ def unknown_field_message(field: str, group, root) -> str:
   """The error for ``config.<field>``, a name not in ``group`` (a node of ``root``).
 
   Suggests the closest name in the same group, else a close field elsewhere in ``root``
-  (``config.lns.alpah`` -> ``config.alpha``), and lists the group's fields.
+  (``config.lns.rhoo`` -> ``config.rho``), and lists the group's fields.
   """
   key = field.rsplit(".", 1)[-1]
   close = difflib.get_close_matches(key, list(group.keys()), n=1, cutoff=0.6)
@@ -298,7 +312,8 @@ def _validate_data(config, num_devices: int) -> None:
     if config.data.get(name) is not None:  # None: the dataset's own size
       _check_number(config, f"data.{name}", low=low, integer=True)
   for field in ("seed", "batch_size", "log_every_steps",
-                "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints"):
+                "eval_every_epochs", "evals_per_epoch", "checkpoint_every_steps",
+                "keep_checkpoints"):
     _check_number(config, field, low=0 if field == "seed" else 1, integer=True)
   if config.batch_size % num_devices:
     _fail("batch_size", f"{config.batch_size} must be a multiple of the number of devices "
@@ -332,6 +347,13 @@ def _validate_objective(config, stages) -> None:
   from lns_jax import loss
   from lns_jax.stages import STAGES as TABLE
   _check_number(config, "alpha", low=0)
+  for s in STAGES:
+    if config[s].get("alpha") is None:
+      continue
+    if not TABLE[s].noisy_supervision:
+      _fail(f"{s}.alpha", f"{config[s].alpha!r}: the {s} stage's objective is cross-entropy "
+                          f"alone; alpha applies to {', '.join(n for n in STAGES if TABLE[n].noisy_supervision)}.")
+    _check_number(config, f"{s}.alpha", low=0)
   rho = config.rho
   if not all(isinstance(r, numbers.Real) and not isinstance(r, bool)
              for r in (rho if isinstance(rho, (tuple, list)) else (rho,))):

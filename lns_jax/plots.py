@@ -98,6 +98,9 @@ def ablation_figures(root: str, runs, results: dict) -> List[str]:
   """Fig. 3 (a-c, mean with a std band over seeds, fine-tuning against LNS) and, with
   sweeps, Fig. 4 / 5 (final test top-1 against alpha / rho). Returns the PNG paths."""
   written = [_ablation_fig3(root, runs, results)]
+  base = _baseline_figure(results.get("baseline_workdir") or os.path.join(root, "baseline"), root)
+  if base:
+    written.append(base)
   for name, field, title in (("fig4", "alpha", "Fig. 4: top-1 against alpha"),
                              ("fig5", "rho", "Fig. 5: top-1 against rho")):
     path = _sweep_figure(root, results, name, field, title)
@@ -115,7 +118,8 @@ def _ablation_fig3(root: str, runs, results: dict) -> str:
         if run.variant != variant:
           continue
         wd = run.workdir(root)
-        if not os.path.exists(workdir_lib.path(wd, workdir_lib.METRICS)):
+        if (not os.path.exists(workdir_lib.path(wd, workdir_lib.METRICS))
+            or os.path.exists(os.path.join(wd, "failed.json"))):
           continue
         xs, ys = _stage_series(wd, stage).get(key, ((), ()))
         if xs:
@@ -136,12 +140,37 @@ def _ablation_fig3(root: str, runs, results: dict) -> str:
   return path
 
 
+def _baseline_figure(workdir: str, root: str):
+  """The baseline's pretraining curves (train cross-entropy; validation and test top-1
+  against the epoch): has it converged? ``None`` without its records."""
+  if not os.path.exists(workdir_lib.path(workdir, workdir_lib.METRICS)):
+    return None
+  d = _stage_series(workdir, "pretrain")
+  if not d or not d["ce"][0]:
+    return None
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+  a.plot(*d["ce"], label="train (running mean)")
+  _dress(a, "baseline: train cross-entropy", "epoch of pretraining", "cross-entropy")
+  for key, label in (("val_top1", "validation"), ("test_top1", "test")):
+    if d.get(key, ((), ()))[0]:
+      b.plot(*d[key], marker=".", label=label)
+  _dress(b, "baseline: top-1", "epoch of pretraining", "top-1")
+  fig.tight_layout()
+  path = os.path.join(root, "baseline.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def _sweep_figure(root: str, results: dict, name: str, field: str, title: str):
   """Fig. 4 (``field='alpha'``) or 5 (``'rho'``); ``None`` when the sweep was not run."""
   import numpy as np
   points = {}
   for variant, recs in results["variants"].items():
-    if variant == "finetune" or not recs:
+    recs = [r for r in recs if "failed" not in r]
+    # The sweeps' points: the config's reading of the warm start and the reduction.
+    if (variant == "finetune" or not recs or variant.endswith("_cewarm")
+        or recs[0].get("reduction")):
       continue
     if field == "rho" and variant.startswith("lns_alpha"):
       continue

@@ -36,7 +36,7 @@ from lns_jax import workdir as workdir_lib
 
 TRAIN, EPOCH = "train", "epoch"  # the record kinds
 # The per-epoch series a figure draws: Fig. 3 (b) and (c).
-EPOCH_SERIES = ("test_top1", "flip_rate_epoch", "flip_rate_init")
+EPOCH_SERIES = ("test_top1", "val_top1", "flip_rate_epoch", "flip_rate_init")
 
 
 def train_record(stage: str, step: int, epoch: float, means: Dict[str, float],
@@ -187,7 +187,7 @@ def format_time(s):
 def epoch_line(stage: str, ep: float, step: int, total_steps: int, train: dict,
                rec: dict) -> str:
   """The line printed at each epoch end."""
-  return (f"[{stage}] epoch {ep:g} step {step}/{total_steps}: train ce "
+  return (f"[{stage}] epoch {round(ep, 3):g} step {step}/{total_steps}: train ce "
           f"{train['ce']:.4f} top1 {train['top1']:.4f}"
           + (f" | test top1 {rec['test_top1']:.4f} top5 {rec['test_top5']:.4f}"
              if "test_top1" in rec else "")

@@ -111,7 +111,7 @@ def make_train_step(model, tx, config, stage: str, layers, schedule):
   whether the network's BatchNorm statistics move.
   """
   table = stages_lib.get(stage)
-  alpha = float(config.alpha) if table.noisy_supervision else 0.0
+  alpha = config_lib.stage_alpha(config, stage)
   rho = config.rho
   if isinstance(rho, (list, tuple)):
     rho = tuple(float(r) for r in rho)
@@ -226,6 +226,9 @@ class _StageRun:
     self.ckpts = ckpt_lib.manager(folder(workdir_lib.CHECKPOINTS), keep=config.keep_checkpoints)
     self.best = ckpt_lib.manager(folder(workdir_lib.BEST), keep=1, best=True)
     self.final = ckpt_lib.manager(folder(workdir_lib.FINAL), keep=None)
+    # Steps into an epoch where config.evals_per_epoch > 1 adds a record point.
+    k = int(config.get("evals_per_epoch", 1))
+    self.points = {round(j * self.spe / k) for j in range(1, k)} - {0, self.spe}
     self.best_top1 = -1.0
     if self.best.best_step() is not None and hasattr(self.best, "metrics"):
       self.best_top1 = float(self.best.metrics(self.best.best_step())["top1"])
@@ -316,7 +319,8 @@ class _StageRun:
         step += 1
         meter.add(m)
         stop_now = self._should_stop(step)
-        end_of_epoch = step % self.spe == 0 or step == self.total_steps
+        end_of_epoch = (step % self.spe == 0 or step == self.total_steps
+                        or step % self.spe in self.points)
         if step % config.log_every_steps == 0 or end_of_epoch or stop_now:
           record, meter = self.log_train(state, step, meter, progress), reporting.Meter()
         if end_of_epoch:
@@ -346,13 +350,15 @@ class _StageRun:
     return out
 
   def end_of_epoch(self, state, step: int, train_record: dict, progress) -> TrainState:
-    """Flip rates, evaluation (every ``eval_every_epochs``), the best checkpoint, a line."""
+    """Flip rates, evaluation (every ``eval_every_epochs``, or at every point of
+    ``evals_per_epoch``), the best checkpoint, a line."""
     config, ep = self.ctx.config, step / self.spe  # fractional when a stage ends mid-epoch
     signs = self.signs_fn(state.params, state.batch_stats)
     flips = metrics_lib.flip_rates(*jax.device_get((state.signs_prev, signs, state.signs_init)))
     state = state.replace(signs_prev=signs)
     evals = {}
-    if round(ep) % config.eval_every_epochs == 0 or step == self.total_steps:
+    if (self.points or round(ep) % config.eval_every_epochs == 0
+        or step == self.total_steps):
       evals = self.evaluate_all(state)
     rec = reporting.epoch_record(self.stage, step, ep, flips, evals)
     if evals:

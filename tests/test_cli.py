@@ -104,7 +104,10 @@ def _bad_inputs(t):
 
   return [
       # unknown fields at any depth, unknown flags, missing ones, stray arguments
-      train("--config.lns.alpah=1", "config.lns.alpah: unknown field (did you mean config.alpha?)"),
+      train("--config.lns.rhoo=1", "config.lns.rhoo: unknown field (did you mean config.rho?)"),
+      train("--config.finetune.alpha=1", "config.finetune.alpha: 1.0: the finetune stage's "
+                                         "objective is cross-entropy alone"),
+      train("--config.evals_per_epoch=0", "config.evals_per_epoch: 0 must be >= 1"),
       train("--config.alpah=1", "config.alpah: unknown field (did you mean 'alpha'?)"),
       train("--config.modle.name=resnet20", "config.modle: unknown field (did you mean 'model'?)"),
       train("--config.data.trian_examples=5", "config.data.trian_examples: unknown field (did "

@@ -10,7 +10,9 @@ CONFIGS = [("fashion_mnist_r20.py", ""), ("fashion_mnist_r20.py", "quick"),
            ("cifar10_r20.py", "finetune"), ("imagenet_r18.py", ""), ("imagenet_alexnet.py", ""),
            ("imagenet_r18.py", "dorefa"), ("imagenet_r18.py", "dorefa,finetune"),
            ("fashion_mnist_r20.py", "val"), ("fashion_mnist_r20.py", "val,sgd"),
-           ("fashion_mnist_r20.py", "quick,val"), ("fashion_mnist_r20.py", "smoke,val,sgd")]
+           ("fashion_mnist_r20.py", "quick,val"), ("fashion_mnist_r20.py", "smoke,val,sgd"),
+           ("fashion_mnist_r20.py", "paper"), ("fashion_mnist_r20.py", "paper,val"),
+           ("fashion_mnist_r20.py", "paper,quick"), ("fashion_mnist_r20.py", "paper,smoke,val")]
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
@@ -131,3 +133,40 @@ def test_saved_config_from_an_older_version_gets_the_new_fields_defaults():
   assert c.pretrain.optimizer == "" and c.alpha == 0.25
   assert c.model.name == "resnet_tiny"  # saved values are kept
   config_lib.validate(c)
+
+
+def test_paper_recipe_is_the_papers_proportions():
+  """:paper = Sec. 4's CIFAR-10 recipe on 12 epochs: SGD everywhere, pretrain lr 0.1 x0.1
+  at 50% / 75%, fine-tuning 30% of it from lr 0.01 x0.1 every quarter, alpha 1, rho 0.005."""
+  c = load_config("fashion_mnist_r20.py", "paper,val")
+  n = c.pretrain.epochs
+  assert (c.optimizer, c.momentum, c.weight_decay, c.batch_size) == ("sgd", 0.9, 0.0, 128)
+  assert all(c[s].optimizer in ("", "sgd") for s in ("pretrain", "warmup", "lns", "finetune"))
+  assert (c.pretrain.lr, c.pretrain.schedule) == (0.1, "piecewise")
+  assert c.pretrain.decay_epochs == (n / 2, 3 * n / 4) and c.pretrain.decay_factor == 0.1
+  for s in ("lns", "finetune"):
+    ft = c[s].epochs
+    assert ft == pytest.approx(0.3 * n) and (c[s].lr, c[s].schedule) == (0.01, "piecewise")
+    assert c[s].decay_epochs == pytest.approx((ft / 4, ft / 2, 3 * ft / 4))
+  assert (c.alpha, c.rho, c.reduction, c.data.val_examples) == (1.0, 0.005, "mean", 10_000)
+  assert c.warmup.alpha is None  # the warm start's alpha is config.alpha
+  with pytest.raises(ValueError, match="one of 'sgd'"):
+    load_config("fashion_mnist_r20.py", "paper,sgd")
+
+
+def test_stage_alpha_falls_back_to_config_alpha_and_is_zero_for_ce_stages():
+  c = smoke_config(alpha=0.0)
+  c.warmup.alpha = 2.5
+  assert config_lib.stage_alpha(c, "warmup") == 2.5
+  assert config_lib.stage_alpha(c, "lns") == 0.0
+  c.alpha = 0.3
+  assert config_lib.stage_alpha(c, "lns") == 0.3
+  assert config_lib.stage_alpha(c, "pretrain") == config_lib.stage_alpha(c, "finetune") == 0.0
+  config_lib.validate(c)
+  c.warmup.alpha = -1.0
+  with pytest.raises(config_lib.ConfigError, match=r"^config.warmup.alpha: -1.0 must be >= 0"):
+    config_lib.validate(c)
+  c.warmup.alpha = None
+  c.pretrain.alpha = 1.0
+  with pytest.raises(config_lib.ConfigError, match=r"^config.pretrain.alpha: .*cross-entropy"):
+    config_lib.validate(c)
