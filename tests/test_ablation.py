@@ -91,7 +91,7 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
   assert (tmp_path / "abl" / "fig3.png").stat().st_size > 1000
   assert "fig3.png" in md
 
-  # The README's second command, typed (smoke size): --baseline reuses a pretrained
+  # docs/results.md's second ablation command, typed (smoke size): --baseline reuses a pretrained
   # baseline (a stage folder), no pretraining, its result in the table.
   other = tmp_path / "abl2"
   cmd = [sys.executable, "-m", "lns_jax.ablation", *SMOKE_FLAGS, f"--workdir={other}",

@@ -1,4 +1,4 @@
-"""What a user types: every README command works as typed, every bad input is one line.
+"""What a user types: every README (and docs/) command works as typed, every bad input is one line.
 
 The command lines run through ``tests/cli_zygote.py``: one process imports TensorFlow
 and JAX once and forks a child per command line, which runs the entry point
@@ -9,6 +9,7 @@ zygote.
 
 import ast
 import fcntl
+import glob
 import json
 import os
 import re
@@ -27,7 +28,11 @@ from lns_testutil import ROOT, SMOKE_FLAGS
 pytestmark = pytest.mark.slow
 
 SMOKE = "configs/fashion_mnist_r20.py:smoke"
-README = open(os.path.join(ROOT, "README.md")).read()
+# What a user reads: README.md, then the docs/ pages it links (the depth moved there, issue 26).
+# "README" below is all of them: every command and example error they show is typed here.
+DOC_FILES = ["README.md"] + sorted(os.path.relpath(p, ROOT)
+                                   for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+README = "\n".join(open(os.path.join(ROOT, f)).read() for f in DOC_FILES)
 
 
 class Zygote:
@@ -226,7 +231,7 @@ def test_readme_error_examples_are_what_the_cli_prints(cli, tmp_path):
   examples = re.findall(r"`(config\.[^`]+)`", row)
   examples += re.findall(r"`(config\.batch_size: 36 [^`]+)`", README)
   assert len(examples) == 4, examples
-  made_by = {"config.lns.alpah": "--config.lns.alpah=1", "config.rho": "--config.rho=(0.6,0.5)",
+  made_by = {"config.lns.rhoo": "--config.lns.rhoo=1", "config.rho": "--config.rho=(0.6,0.5)",
              "config.batch_size: 12": "--config.batch_size=12",
              "config.batch_size: 36": "--config.batch_size=36"}
   for example in examples:
@@ -254,8 +259,9 @@ def test_rho_is_a_number_or_a_pair_in_python_too():
 
 
 def _readme_commands():
-  """Every command line of the README: code blocks, indented ones, and the backticked
-  ``--config.*`` overrides (applied to the default command)."""
+  """Every command line of the README and docs/*.md: code blocks, indented ones, and the
+  backticked ``--config.*`` overrides (applied to the default command). README.md comes
+  first, so its commands are the ones found first."""
   cmds = []
   for line in README.splitlines():
     line = line.split("  #")[0].strip()

@@ -102,7 +102,7 @@ BENCH = [sys.executable, "benchmarks/train_step.py", "--r20_batch=8", "--fmnist_
 
 
 def test_train_step_benchmark_prints_a_row_per_option_set_and_dtype():
-  """The README's benchmark command with --cpu_options, --dtype and --peak_tflops, at smoke
+  """docs/performance.md's benchmark command with --cpu_options, --dtype and --peak_tflops, at smoke
   size (one timed step of each row)."""
   r = subprocess.run(BENCH + ["--steps=1", "--stages=pretrain", "--cpu_options=project,default",
                               "--dtype=float32,bfloat16", "--peak_tflops=float32=0.002"],

@@ -28,6 +28,31 @@ def _first_command():
   return next(l for l in block.splitlines() if l.strip() and not l.startswith("#"))
 
 
+def test_readme_opens_with_the_two_commands():
+  """The README's first thing after its title is the bash block of the two commands: set up
+  and train (one line), then run the tests; the findings live in docs/ (issue 26)."""
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  assert readme.startswith("# lns-jax\n\n```bash\n"), readme[:200]
+  block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+  lines = [l for l in block.splitlines() if l.strip() and not l.startswith("#")]
+  assert len(lines) == 2, lines
+  assert lines[0].startswith("S=$(") and lines[0].endswith(
+      ".venv/bin/python train.py --config=configs/fashion_mnist_r20.py:quick "
+      "--workdir=workdirs/fmnist_quick"), lines[0]
+  assert lines[1] == ".venv/bin/python -m pytest -q"
+
+
+def test_readme_python_block_runs_as_typed():
+  """The README's one Python block ("The method as pure functions") runs as written."""
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+  assert len(blocks) == 1, len(blocks)
+  scope = {}
+  exec(compile(blocks[0], "README.md", "exec"), scope)  # noqa: S102
+  assert scope["q_hat"].shape == scope["w"].shape and scope["g"].shape == scope["w"].shape
+  assert scope["y"].shape == (8, 16, 16, 32) and "lns" in scope["coll"]
+
+
 def _apt_part(command):
   """The command up to its last ``apt-get`` step (venv, pip and training not run)."""
   steps = command.split(" && ")
