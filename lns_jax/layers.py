@@ -40,7 +40,7 @@ class BinaryConv(nn.Module):
       collection under ``'pairs'`` so the trainer computes Eq. 15-21 without mapping
       again. ``q_tilde`` is under ``stop_gradient`` (Eq. 1: labels, not a path).
       ``mapping_ste`` is how ``sign(q_hat)`` passes the gradient
-      (:func:`lns_jax.quantizers.mapping_sign`; DESIGN decision 1 in the README);
+      (:func:`lns_jax.quantizers.mapping_sign`; DESIGN decision 1, DECISIONS 1);
       ``mapping_conv`` how f_theta's convs run (``config.mapping.conv``, DECISIONS 15).
   The scale ``s`` (``weight_scale``) is computed from the latent ``W`` under
   ``stop_gradient``, as DoReFa does, so gradients to ``W`` are exactly the STE's.
