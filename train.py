@@ -29,17 +29,6 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index (multi-hos
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _newest_checkpoints(workdir, stages):
-  """Which checkpoints a failed run leaves to resume from, as a sentence."""
-  kept = []
-  for stage in stages:
-    folder = os.path.join(os.path.expanduser(workdir), stage, "checkpoints")
-    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
-    if steps:
-      kept.append(f"{stage} step {max(steps)}")
-  return (f"Kept checkpoints: {', '.join(kept)}." if kept else "No checkpoint was written.")
-
-
 def main(argv):
   del argv
   from lns_jax import cli
@@ -51,7 +40,7 @@ def main(argv):
     pass
   import jax
   from lns_jax import config as config_lib
-  from lns_jax import parallel, trainer
+  from lns_jax import parallel, supervisor, trainer
   from lns_jax.checkpoint import CheckpointMismatchError
   from lns_jax.data import DatasetNotFoundError
 
@@ -69,9 +58,9 @@ def main(argv):
     if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
       raise
     # A full (or read-only) disk outside a checkpoint save, e.g. at a log write.
+    kept = supervisor.kept_checkpoints(_WORKDIR.value, config_lib.stage_names(_CONFIG.value))
     cli.fail(f"writing {e.filename or 'into ' + _WORKDIR.value} failed ({e.strerror}). "
-             f"{_newest_checkpoints(_WORKDIR.value, config_lib.stage_names(_CONFIG.value))} "
-             f"Free space and run the same command again to resume.")
+             f"{kept} Free space and run the same command again to resume.")
   stopped = [r for r in results.values() if r.get("interrupted")]
   if stopped:
     # Preempted (SIGTERM) or interrupted (SIGINT) after a checkpoint: the shell's
@@ -80,5 +69,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from lns_jax import supervisor
+  if supervisor.wanted(sys.argv):  # multi-host: train in a child; a lost peer is one line
+    sys.exit(supervisor.run())
   from lns_jax import cli
   cli.run(main)  # app.run(main), with bad flags as one `error:` line, exit code 2

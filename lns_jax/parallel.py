@@ -160,10 +160,16 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   Open MPI, Kubernetes). ``LNS_COORDINATOR_BIND_ADDRESS`` (e.g. ``127.0.0.1:1234``)
   restricts the interface process 0's coordinator listens on (default: all).
 
+  ``LNS_HEARTBEAT_TIMEOUT_S``: after how many seconds without heartbeats the coordination
+  service declares a process dead and ends the others (JAX's default, 100 s, when unset;
+  ``train.py`` then ends with one line naming it, :mod:`lns_jax.supervisor`).
+
   Must run before anything touches a JAX device. On CPU the cross-process collectives
   are gloo (JAX's default; ``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` overrides it).
   """
+  from lns_jax.supervisor import heartbeat_timeout_s
   env = os.environ
+  heartbeat = heartbeat_timeout_s(env)
   coordinator_address = coordinator_address or env.get("LNS_COORDINATOR_ADDRESS") or env.get(
       "JAX_COORDINATOR_ADDRESS")
   if num_processes is None and env.get("LNS_NUM_PROCESSES"):
@@ -171,14 +177,14 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   if process_id is None and env.get("LNS_PROCESS_ID"):
     process_id = int(env["LNS_PROCESS_ID"])
   coordinator_bind_address = coordinator_bind_address or env.get("LNS_COORDINATOR_BIND_ADDRESS")
+  kwargs = {} if heartbeat is None else {"heartbeat_timeout_seconds": heartbeat}
   if coordinator_address == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
     return True
   if coordinator_address is None and num_processes is None and process_id is None:
     return False
   if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"process_id {process_id} must be in [0, {num_processes}).")
-  kwargs = {}
   if coordinator_bind_address:
     kwargs["coordinator_bind_address"] = coordinator_bind_address
   jax.distributed.initialize(coordinator_address=coordinator_address,

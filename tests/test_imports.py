@@ -16,8 +16,9 @@ other module, so it is part of the graph. How a statement becomes edges:
 
 The floors, lowest first (each module imports only from the floors below it):
 
-1. ``errors`` (:class:`ConfigError`), ``quantizers``, ``mapping``, ``loss``, ``bitpack``,
-   ``parallel``, ``data.defaults``: no lns_jax imports;
+1. ``errors`` (:class:`ConfigError`), ``supervisor`` (the standard library only),
+   ``quantizers``, ``mapping``, ``loss``, ``bitpack``, ``data.defaults``: no lns_jax
+   imports; ``parallel`` (the heartbeat setting from ``supervisor``);
 2. the method: ``xnor_conv`` -> ``layers`` -> ``binary`` -> ``stages`` -> ``optim``,
    ``workdir``; ``metrics``; the package ``lns_jax`` (layers, loss, mapping, quantizers);
 3. the data: ``data.specs`` -> ``data.files`` -> ``data.build`` (TFDS, the quiet start-up)
@@ -150,7 +151,7 @@ def test_the_walk_sees_every_kind_of_import(tmp_path):
   assert g == {
       "lns_jax": {"lns_jax.a"},
       "lns_jax.a": set(),
-      "lns_jax.b": {"lns_jax.a", "lns_jax"},  # a function-level import; __version__ from the package
+      "lns_jax.b": {"lns_jax.a", "lns_jax"},  # in a function; __version__: the package
       "lns_jax.c": {"lns_jax.b", "lns_jax.sub.s", "lns_jax.sub"},  # relative; runs sub/__init__
       "lns_jax.sub": {"lns_jax.sub.s"},
       "lns_jax.sub.s": {"lns_jax.sub.t", "lns_jax.a"},  # its own package's __init__ is no edge
