@@ -92,18 +92,41 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
   assert "fig3.png" in md
 
   # docs/results.md's second ablation command, typed (smoke size): --baseline reuses a pretrained
-  # baseline (a stage folder), no pretraining, its result in the table.
+  # baseline (a stage folder), no pretraining, its result in the table. With the paper
+  # recipe's extra rows: lns_alpha0 warms up with alpha > 0 (DECISIONS 17), lns_alpha0_cewarm
+  # with alpha 0, and lns_sum (Eq. 17) diverges at a warm start lr the mean trains at: it
+  # is recorded as failed and the ablation goes on (DECISIONS 16).
   other = tmp_path / "abl2"
   cmd = [sys.executable, "-m", "lns_jax.ablation", *SMOKE_FLAGS, f"--workdir={other}",
-         "--seeds=1", "--baseline=" + os.path.join(root, "baseline", "pretrain")]
+         "--seeds=1", "--baseline=" + os.path.join(root, "baseline", "pretrain"),
+         "--extra_rows=alpha0_cewarm,other_reduction", "--config.warmup.lr=3.0",
+         "--config.evals_per_epoch=2"]
   p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
                      env=dict(os.environ, LNS_FAST_COMPILE="1"))
   assert p.returncode == 0, p.stderr[-3000:]
-  assert "[ablation] run 3/3: lns seed 0" in p.stdout and "| lns | 1 |" in p.stdout, p.stdout
+  assert "[ablation] run 3/5: lns seed 0" in p.stdout and "| lns | 1 |" in p.stdout, p.stdout
   reused = json.loads((other / "ablation.json").read_text())
   assert not (other / "baseline").exists()
   assert reused["baseline"] == saved["baseline"]
-  assert [len(v) for v in reused["variants"].values()] == [1, 1, 1]
+  assert list(reused["variants"]) == ["finetune", "lns_alpha0", "lns", "lns_alpha0_cewarm",
+                                      "lns_sum"]
+  assert [len(v) for v in reused["variants"].values()] == [1, 1, 1, 1, 1]
+  run_cfg = lambda v: json.loads((other / v / "seed0" / "config.json").read_text())
+  assert run_cfg("lns_alpha0")["warmup"]["alpha"] == 1.0 and run_cfg("lns_alpha0")["alpha"] == 0
+  assert run_cfg("lns_alpha0_cewarm")["warmup"]["alpha"] == 0.0
+  assert run_cfg("lns_sum")["reduction"] == "sum" and run_cfg("lns")["reduction"] == "mean"
+  assert run_cfg("finetune")["finetune"]["alpha"] is None
+  (failed,) = reused["variants"]["lns_sum"]
+  assert "NaN/Inf" in failed["failed"] and (other / "lns_sum" / "seed0" / "failed.json").exists()
+  for v in ("finetune", "lns_alpha0", "lns", "lns_alpha0_cewarm"):
+    assert "test_top1" in reused["variants"][v][0], v
+  md2 = (other / "ablation.md").read_text()
+  assert "| lns_sum | 0 (+1 failed: non-finite) |" in md2 and "lns_sum seed 0 failed:" in md2
+  assert (other / "baseline.png").stat().st_size > 1000  # the reused baseline's curves
+  # Rerun: every run is done or recorded as failed; nothing runs again.
+  p2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                      env=dict(os.environ, LNS_FAST_COMPILE="1"))
+  assert p2.returncode == 0 and "[ablation] run" not in p2.stdout, p2.stdout[-2000:]
 
 
 def test_table_from_ablation_json_numbers():
