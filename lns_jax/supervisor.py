@@ -83,6 +83,13 @@ def wanted(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> bool
   """Whether ``train.py argv`` starts a multi-process run and is not the child already."""
   if environ.get(SUPERVISED_ENV) == "1":
     return False
+  # Bad process flags are the CLI's to report (one error line), not a child's to run.
+  n, pid = flag_value(argv, "num_processes"), flag_value(argv, "process_id")
+  try:
+    if n is not None and int(n) < 1 or pid is not None and not 0 <= int(pid) < int(n or 1 << 30):
+      return False
+  except ValueError:
+    return False
   return (any(flag_value(argv, f) is not None for f in _MULTI_PROCESS_FLAGS) or
           any(environ.get(v) for v in _MULTI_PROCESS_ENV))
 
