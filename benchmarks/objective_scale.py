@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402,F401  (config files import it)
 
 from lns_jax import binary, loss, mapping, models  # noqa: E402
 from lns_jax import checkpoint as ckpt_lib  # noqa: E402

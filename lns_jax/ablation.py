@@ -149,13 +149,10 @@ def _objective(config, stages: str) -> dict:
 
 def check_run_dir(config, workdir: str, stages: str) -> None:
   """A run folder that exists must hold the same objective as the run planned now."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  saved = _saved_config(workdir)
+  if saved is None:
     return
-  from lns_jax import config as config_lib
-  with open(path) as f:
-    saved = _objective(config_lib.from_saved_json(f.read()), stages)
-  now = _objective(config, stages)
+  saved, now = _objective(saved, stages), _objective(config, stages)
   for key, value in now.items():
     if saved[key] != value:
       raise AblationError(
@@ -171,14 +168,23 @@ def baseline_config(config):
   return c
 
 
+def _saved_config(workdir: str):
+  """``workdir``'s ``config.json`` (fields added since it was saved take their
+  defaults), or None where the folder has none."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  from lns_jax import config as config_lib
+  with open(path) as f:
+    return config_lib.from_saved_json(f.read())
+
+
 def check_baseline_dir(config, baseline_dir: str) -> None:
   """A reused ``DIR/baseline`` must have been trained with this config's baseline fields."""
-  path = os.path.join(baseline_dir, "config.json")
-  if not os.path.exists(path):
+  saved = _saved_config(baseline_dir)
+  if saved is None:
     return
-  from lns_jax import config as config_lib
-  with open(path) as f:  # fields added since it was saved take their defaults
-    saved = json.loads(config_lib.from_saved_json(f.read()).to_json_best_effort())
+  saved = json.loads(saved.to_json_best_effort())
   now = json.loads(config.to_json_best_effort())
   for field in BASELINE_FIELDS:
     if field in saved and saved[field] != now.get(field):
@@ -400,9 +406,7 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
     try:
       res = trainer.train(run_config(config, run, baseline_final), wd,
                           stop_at=_stop(stop_at, run.variant, run.seed))
-    except trainer.TrainingError as e:
-      if "NaN/Inf" not in str(e):
-        raise
+    except trainer.NonFiniteError as e:
       # A divergence is a result of the row (e.g. Eq. 17's sum with SGD); the rest runs.
       log(f"[ablation] {run.variant} seed {run.seed} failed: {e}")
       if parallel.is_main_process():

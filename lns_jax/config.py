@@ -17,6 +17,7 @@ import ml_collections
 
 from lns_jax.errors import ConfigError  # one floor down: models and data raise it too
 from lns_jax.stages import NAMES as STAGES  # what each stage is: lns_jax.stages
+from lns_jax.stages import STAGES as TABLE
 
 # The allowed values of the method's fields are owned by the modules that implement them
 # (quantizers, mapping, loss, optim, models) and read from there in :func:`validate`.
@@ -163,7 +164,6 @@ def from_saved_json(text: str) -> ml_collections.ConfigDict:
 def stage_alpha(config, stage: str) -> float:
   """Eq. 21's alpha of ``stage``: its own ``config.<stage>.alpha``, else ``config.alpha``;
   0 for a stage whose objective is cross-entropy alone (:mod:`lns_jax.stages`)."""
-  from lns_jax.stages import STAGES as TABLE
   if not TABLE[stage].noisy_supervision:
     return 0.0
   own = config[stage].get("alpha")
@@ -345,7 +345,6 @@ def _validate_optimization(config, stages) -> None:
 
 def _validate_objective(config, stages) -> None:
   from lns_jax import loss
-  from lns_jax.stages import STAGES as TABLE
   _check_number(config, "alpha", low=0)
   for s in STAGES:
     if config[s].get("alpha") is None:

@@ -41,7 +41,7 @@ from lns_jax import models, optim, parallel, reporting
 from lns_jax import stages as stages_lib
 from lns_jax import workdir as workdir_lib
 from lns_jax.layers import LNS_COLLECTION
-from lns_jax.workdir import TrainingError, WorkdirLockedError  # noqa: F401  (raised by train)
+from lns_jax.workdir import NonFiniteError, TrainingError, WorkdirLockedError  # noqa: F401  (raised by train)
 
 Array = jax.Array
 
@@ -185,13 +185,13 @@ def check_finite(state, stage):
   """Raises :class:`TrainingError` if a step went non-finite or the parameters are."""
   bad = int(state.first_bad_step)
   if bad >= 0:
-    raise TrainingError(
+    raise NonFiniteError(
         f"[{stage}] the loss or gradients became NaN/Inf at step {bad}; that step was not "
         f"applied and the last checkpoint is kept. Lower the learning rate, or set "
         f"config.on_nonfinite='skip' to skip such steps.")
   leaves = jax.tree.leaves(state.params)
   if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
-    raise TrainingError(f"[{stage}] the parameters hold NaN/Inf at step {int(state.step)}; "
+    raise NonFiniteError(f"[{stage}] the parameters hold NaN/Inf at step {int(state.step)}; "
                         f"the last checkpoint is kept.")
 
 
@@ -227,7 +227,7 @@ class _StageRun:
     self.best = ckpt_lib.manager(folder(workdir_lib.BEST), keep=1, best=True)
     self.final = ckpt_lib.manager(folder(workdir_lib.FINAL), keep=None)
     # Steps into an epoch where config.evals_per_epoch > 1 adds a record point.
-    k = int(config.get("evals_per_epoch", 1))
+    k = int(config.evals_per_epoch)
     self.points = {round(j * self.spe / k) for j in range(1, k)} - {0, self.spe}
     self.best_top1 = -1.0
     if self.best.best_step() is not None and hasattr(self.best, "metrics"):

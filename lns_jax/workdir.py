@@ -38,6 +38,10 @@ class TrainingError(RuntimeError):
   """Training cannot go on (non-finite values, a bad workdir, ...)."""
 
 
+class NonFiniteError(TrainingError):
+  """A step went NaN/Inf: the run is deterministic, so running it again fails alike."""
+
+
 class WorkdirLockedError(TrainingError):
   """Another run holds the workdir."""
 
