@@ -3,6 +3,7 @@
   python -m lns_jax.ablation --config=configs/fashion_mnist_r20.py:val --workdir=DIR --seeds=3
   python -m lns_jax.ablation ... --alphas=0,0.1,1,10 --rhos=0,0.005,0.05     # Fig. 4 / Fig. 5
   python -m lns_jax.ablation ... --extra_rows=alpha0_cewarm,other_reduction
+  python -m lns_jax.ablation ... --alphas=0,0.1,1 --variants=lns_alpha0.1  # just those rows
 
 The baseline is pretrained once (``DIR/baseline``, or reused with ``--baseline=PATH``);
 then, from that same baseline and for each seed, three variants with the same epochs,
@@ -116,6 +117,17 @@ def plan(config, seeds: int, alphas: Sequence[float] = (), rhos: Sequence[float]
     sweep.add(f"lns_{other}")
   return [Run(v, s, **spec) for s in range(seeds) for v, spec in variants.items()
           if v not in sweep or s < sweep_seeds]
+
+
+def select(runs: List[Run], variants: Sequence[str] = ()) -> List[Run]:
+  """The runs of ``variants`` (all when empty); an unplanned name is one error line."""
+  planned = list(dict.fromkeys(r.variant for r in runs))
+  unknown = [v for v in variants if v not in planned]
+  if unknown:
+    raise AblationError(f"--variants: {', '.join(unknown)} not in this ablation's plan; "
+                        f"choose from {', '.join(planned)} (the sweeps' rows need --alphas/"
+                        f"--rhos, the extra rows --extra_rows).")
+  return [r for r in runs if not variants or r.variant in variants]
 
 
 def run_config(config, run: Run, baseline_final: str):
@@ -355,9 +367,12 @@ def _finished(workdir: str, stages: str) -> bool:
 
 
 def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
-                 baseline: str = "", *, extra_rows=(), sweep_seeds=None, config_arg: str = "",
-                 log=print, stop_at=None) -> dict:
+                 baseline: str = "", *, extra_rows=(), sweep_seeds=None, variants=(),
+                 config_arg: str = "", log=print, stop_at=None) -> dict:
   """Runs (or resumes) the whole ablation; returns ``ablation.json``'s content.
+
+  ``variants`` (``--variants``) runs only those rows of the plan (e.g. one sweep's
+  points); the report still covers every planned run finished in ``workdir``.
 
   ``stop_at=(variant, seed, stage, step)`` interrupts one run as a preemption would
   (tests). Returns ``{'interrupted': True, ...}`` when a run was stopped.
@@ -366,13 +381,14 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
 
   root = os.path.abspath(os.path.expanduser(workdir))
   runs = plan(config, seeds, alphas, rhos, extra_rows, sweep_seeds)
+  todo = select(runs, variants)
   base_dir = os.path.join(root, BASELINE)
   baseline_final = baseline or os.path.join(base_dir, "pretrain", "final")
   bcfg = baseline_config(config)
   _check_before_writing(config, runs, bcfg, baseline, baseline_final, base_dir)
   os.makedirs(root, exist_ok=True)
   t0, done_cost = time.time(), 0.0
-  costs = {r: _run_cost(config, r) for r in runs}
+  costs = {r: _run_cost(config, r) for r in todo}
 
   def eta() -> str:
     left = sum(c for r, c in costs.items() if not _finished(r.workdir(root), r.stages))
@@ -383,7 +399,7 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
     return f"ETA {_duration((time.time() - t0) / done_cost * left)}"
 
   if not baseline and not _finished(base_dir, "pretrain"):
-    log(f"[ablation] run 0/{len(runs)}: baseline (pretrain, {config.pretrain.epochs:g} epochs) "
+    log(f"[ablation] run 0/{len(todo)}: baseline (pretrain, {config.pretrain.epochs:g} epochs) "
         f"in {base_dir}; {eta()}")
     res = trainer.train(bcfg, base_dir, stop_at=_stop(stop_at, BASELINE, None))
     if any(r.get("interrupted") for r in res.values()):
@@ -395,11 +411,11 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
     stage_dir = os.path.dirname(stage_dir)
   extra = {"config_arg": config_arg, "seeds": seeds, "baseline_checkpoint": baseline_final,
            "baseline_workdir": os.path.dirname(stage_dir)}
-  for i, run in enumerate(runs, 1):
+  for i, run in enumerate(todo, 1):
     wd = run.workdir(root)
     if _finished(wd, run.stages):
       continue
-    log(f"[ablation] run {i}/{len(runs)}: {run.variant} seed {run.seed} "
+    log(f"[ablation] run {i}/{len(todo)}: {run.variant} seed {run.seed} "
         f"({run.stages}, alpha {run.alpha:g}, rho {run.rho}"
         + (f", warm start alpha {run.warmup_alpha:g}" if run.warmup_alpha is not None else "")
         + (f", reduction {run.reduction}" if run.reduction else "") + f") in {wd}; {eta()}")
@@ -503,7 +519,8 @@ def main(argv):
     out = run_ablation(fl.config, fl.workdir, fl.seeds, parse_floats(fl.alphas, "alphas"),
                        parse_floats(fl.rhos, "rhos"), fl.baseline, config_arg=config_arg,
                        extra_rows=[r.strip() for r in fl.extra_rows.split(",") if r.strip()],
-                       sweep_seeds=None if fl.sweep_seeds < 0 else fl.sweep_seeds)
+                       sweep_seeds=None if fl.sweep_seeds < 0 else fl.sweep_seeds,
+                       variants=[v.strip() for v in fl.variants.split(",") if v.strip()])
   except (AblationError, config_lib.ConfigError, DatasetNotFoundError,
           CheckpointMismatchError, trainer.TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -531,6 +548,8 @@ if __name__ == "__main__":
                        "(default: --seeds).")
   flags.DEFINE_string("extra_rows", "", "Extra rows: alpha0_cewarm (alpha 0 in the warm "
                       "start too), other_reduction (lns with the other reduction of Eq. 15).")
+  flags.DEFINE_string("variants", "", "Run only these rows of the plan, e.g. "
+                      "lns_alpha0.1,lns_rho0 (the report covers every finished run).")
   flags.DEFINE_string("baseline", "", "Reuse this pretrained baseline (a stage or final/ "
                       "folder) instead of pretraining one in WORKDIR/baseline.")
   flags.mark_flags_as_required(["config", "workdir"])

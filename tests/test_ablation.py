@@ -123,10 +123,17 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
   md2 = (other / "ablation.md").read_text()
   assert "| lns_sum | 0 (+1 failed: non-finite) |" in md2 and "lns_sum seed 0 failed:" in md2
   assert (other / "baseline.png").stat().st_size > 1000  # the reused baseline's curves
-  # Rerun: every run is done or recorded as failed; nothing runs again.
-  p2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+  # Rerun with one more sweep point and --variants: only that point runs; the failed
+  # lns_sum is not retried and the finished rows stay in the table.
+  p2 = subprocess.run(cmd + ["--alphas=0.5", "--variants=lns_alpha0.5,lns_sum"],
+                      capture_output=True, text=True, cwd=ROOT, timeout=900,
                       env=dict(os.environ, LNS_FAST_COMPILE="1"))
-  assert p2.returncode == 0 and "[ablation] run" not in p2.stdout, p2.stdout[-2000:]
+  assert p2.returncode == 0, p2.stderr[-3000:]
+  started = [line for line in p2.stdout.splitlines() if line.startswith("[ablation] run")]
+  assert len(started) == 1 and "run 1/2: lns_alpha0.5 seed 0" in started[0], p2.stdout[-2000:]
+  again = json.loads((other / "ablation.json").read_text())
+  assert again["variants"]["lns_alpha0.5"][0]["alpha"] == 0.5
+  assert again["variants"]["lns"] == reused["variants"]["lns"]
 
 
 def test_table_from_ablation_json_numbers():
@@ -154,6 +161,16 @@ def test_plan_names_sweep_variants():
   assert by["finetune"].stages == "finetune" and by["lns_alpha0"].stages == "warmup,lns"
 
 
+def test_select_runs_only_the_named_rows():
+  runs = ablation.plan(_config(), seeds=2, alphas=[0.1], sweep_seeds=1)
+  picked = ablation.select(runs, ["lns_alpha0.1", "finetune"])
+  assert [(r.variant, r.seed) for r in picked] == [("finetune", 0), ("lns_alpha0.1", 0),
+                                                  ("finetune", 1)]
+  assert ablation.select(runs) == runs
+  with pytest.raises(ablation.AblationError, match="lns_rho0 not in this ablation's plan"):
+    ablation.select(runs, ["lns_rho0"])
+
+
 def test_reused_baseline_dir_from_another_config_is_refused(tmp_path):
   base = tmp_path / "baseline"
   base.mkdir()
@@ -169,6 +186,7 @@ def test_reused_baseline_dir_from_another_config_is_refused(tmp_path):
     (["--seeds=0"], "seeds"),
     (["--alphas=0,x"], "--alphas"),
     (["--rhos=-1"], "--rhos"),
+    (["--variants=lns_alpha7"], "--variants: lns_alpha7 not in this ablation's plan"),
     (["--config.rho=0.7"], "config.rho"),
     (["--baseline=/nonexistent/pretrain"], "--baseline=/nonexistent/pretrain: no readable"),
 ])
