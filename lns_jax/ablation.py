@@ -4,6 +4,7 @@
   python -m lns_jax.ablation ... --alphas=0,0.1,1,10 --rhos=0,0.005,0.05     # Fig. 4 / Fig. 5
   python -m lns_jax.ablation ... --extra_rows=alpha0_cewarm,other_reduction
   python -m lns_jax.ablation ... --alphas=0,0.1,1 --variants=lns_alpha0.1  # just those rows
+  python -m lns_jax.ablation ... --dry_run      # the plan and each run's state; writes nothing
 
 The baseline is pretrained once (``DIR/baseline``, or reused with ``--baseline=PATH``);
 then, from that same baseline and for each seed, three variants with the same epochs,
@@ -368,8 +369,12 @@ def _finished(workdir: str, stages: str) -> bool:
 
 def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
                  baseline: str = "", *, extra_rows=(), sweep_seeds=None, variants=(),
-                 config_arg: str = "", log=print, stop_at=None) -> dict:
+                 config_arg: str = "", dry_run: bool = False, log=print,
+                 stop_at=None) -> dict:
   """Runs (or resumes) the whole ablation; returns ``ablation.json``'s content.
+
+  ``dry_run`` (``--dry_run``) checks every run's config and prints the plan (each run,
+  its state in ``workdir``, the epochs left) without training or writing anything.
 
   ``variants`` (``--variants``) runs only those rows of the plan (e.g. one sweep's
   points); the report still covers every planned run finished in ``workdir``.
@@ -385,7 +390,10 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
   base_dir = os.path.join(root, BASELINE)
   baseline_final = baseline or os.path.join(base_dir, "pretrain", "final")
   bcfg = baseline_config(config)
-  _check_before_writing(config, runs, bcfg, baseline, baseline_final, base_dir)
+  _check_before_writing(config, runs, bcfg, baseline, baseline_final, base_dir,
+                        load_baseline=not dry_run)
+  if dry_run:
+    return _print_plan(config, root, todo, baseline, base_dir, log)
   os.makedirs(root, exist_ok=True)
   t0, done_cost = time.time(), 0.0
   costs = {r: _run_cost(config, r) for r in todo}
@@ -442,7 +450,44 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
   return results
 
 
-def _check_before_writing(config, runs, bcfg, baseline, baseline_final, base_dir):
+def _state(workdir: str, stages: str) -> str:
+  if os.path.exists(os.path.join(workdir, FAILED)):
+    return "failed"
+  if _finished(workdir, stages):
+    return "done"
+  return "started" if os.path.exists(workdir) else "to run"
+
+
+def _print_plan(config, root, todo, baseline, base_dir, log) -> dict:
+  """``--dry_run``: one line per run and the epochs left; nothing is written."""
+  rows = []
+  if baseline:
+    rows.append(("baseline", "-", "reused", baseline, "found" if os.path.exists(baseline)
+                 else "missing", 0.0))
+  else:
+    state = _state(base_dir, "pretrain")
+    rows.append(("baseline", "-", f"pretrain, {config.pretrain.epochs:g} epochs", base_dir, state,
+                 0.0 if state == "done" else float(config.pretrain.epochs)))
+  for r in todo:
+    wd = r.workdir(root)
+    state = _state(wd, r.stages)
+    desc = f"{r.stages}, alpha {r.alpha:g}, rho {r.rho}" + (
+        f", warm start alpha {r.warmup_alpha:g}" if r.warmup_alpha is not None else "") + (
+        f", reduction {r.reduction}" if r.reduction else "")
+    rows.append((r.variant, str(r.seed), desc, wd, state,
+                 0.0 if state in ("done", "failed") else _run_cost(config, r)))
+  for variant, seed, desc, wd, state, _ in rows:
+    who = variant if seed == "-" else f"{variant} seed {seed}"
+    log(f"[ablation] {who}: {desc}; {state} ({wd})")
+  left = sum(c for *_, c in rows)
+  log(f"[ablation] dry run: {sum(1 for *_, c in rows if c)} of {len(rows)} runs left, "
+      f"{left:g} epoch-equivalents (an LNS epoch counts {_COST['lns']:g}); nothing written.")
+  return {"dry_run": True, "runs": [dict(zip(("variant", "seed", "run", "workdir", "state",
+                                              "epochs_left"), row)) for row in rows]}
+
+
+def _check_before_writing(config, runs, bcfg, baseline, baseline_final, base_dir,
+                          load_baseline=True):
   """Every config is checked, and the baseline found, before anything is written."""
   from lns_jax import checkpoint as ckpt_lib
   from lns_jax import config as config_lib
@@ -454,6 +499,8 @@ def _check_before_writing(config, runs, bcfg, baseline, baseline_final, base_dir
     config_lib.validate(cfg_check, num_devices=num_devices)
     check_run_dir(cfg_check, r.workdir(os.path.abspath(os.path.dirname(base_dir))), r.stages)
   if baseline:
+    if not load_baseline:  # --dry_run: says whether it is there instead
+      return
     try:
       ckpt_lib.load_variables(baseline)
     except ckpt_lib.CheckpointMismatchError:
@@ -520,7 +567,8 @@ def main(argv):
                        parse_floats(fl.rhos, "rhos"), fl.baseline, config_arg=config_arg,
                        extra_rows=[r.strip() for r in fl.extra_rows.split(",") if r.strip()],
                        sweep_seeds=None if fl.sweep_seeds < 0 else fl.sweep_seeds,
-                       variants=[v.strip() for v in fl.variants.split(",") if v.strip()])
+                       variants=[v.strip() for v in fl.variants.split(",") if v.strip()],
+                       dry_run=fl.dry_run)
   except (AblationError, config_lib.ConfigError, DatasetNotFoundError,
           CheckpointMismatchError, trainer.TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -550,6 +598,8 @@ if __name__ == "__main__":
                       "start too), other_reduction (lns with the other reduction of Eq. 15).")
   flags.DEFINE_string("variants", "", "Run only these rows of the plan, e.g. "
                       "lns_alpha0.1,lns_rho0 (the report covers every finished run).")
+  flags.DEFINE_bool("dry_run", False, "Check every run's config and print the plan (each "
+                    "run and its state, the epochs left); train and write nothing.")
   flags.DEFINE_string("baseline", "", "Reuse this pretrained baseline (a stage or final/ "
                       "folder) instead of pretraining one in WORKDIR/baseline.")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -134,6 +134,15 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
   again = json.loads((other / "ablation.json").read_text())
   assert again["variants"]["lns_alpha0.5"][0]["alpha"] == 0.5
   assert again["variants"]["lns"] == reused["variants"]["lns"]
+  # --dry_run on that workdir: each run's state, nothing left, nothing written.
+  before = _result_mtimes(other)
+  p3 = subprocess.run(cmd + ["--alphas=0.5", "--dry_run"], capture_output=True, text=True,
+                      cwd=ROOT, timeout=900, env=dict(os.environ, LNS_FAST_COMPILE="1"))
+  assert p3.returncode == 0, p3.stderr[-3000:]
+  assert "lns_sum seed 0: warmup,lns, alpha 1, rho 0.005, warm start alpha 1, reduction sum; " \
+         "failed" in p3.stdout and "lns_alpha0.5 seed 0: " in p3.stdout, p3.stdout
+  assert "baseline: reused; found" in p3.stdout and "dry run: 0 of 7 runs left" in p3.stdout
+  assert _result_mtimes(other) == before
 
 
 def test_table_from_ablation_json_numbers():

@@ -321,6 +321,31 @@ def test_readme_train_command_parses_and_validates_as_typed(cli, tmp_path, cmd):
     assert node == value, (dotted, node, value)
 
 
+@pytest.mark.parametrize("cmd", [c for c in README_COMMANDS if c.startswith("-m lns_jax.ablation")])
+def test_readme_ablation_command_plans_as_typed(cli, tmp_path, cmd):
+  """Each ablation command of the README and docs/, as typed plus ``--dry_run``: every
+  run's config validates, the plan has a row per seed and per sweep point, nothing is
+  written (the runs themselves: tests/test_ablation.py at smoke size)."""
+  args = _argv(cmd, tmp_path)
+  r = cli.run(args[1], *args[2:], "--dry_run", timeout=300)
+  assert r["rc"] == 0 and "dry run:" in r["stdout"], r
+  assert not (tmp_path / "workdirs").exists()
+  out = r["stdout"]
+  flag = lambda name, default: next((a.split("=", 1)[1] for a in args if a.startswith(
+      f"--{name}=")), default)  # noqa: E731
+  seeds = int(flag("seeds", "3"))
+  assert f"finetune seed {seeds - 1}:" in out and f"finetune seed {seeds}:" not in out, out
+  config_alpha, config_rho = 1.0, 0.005  # every fashion_mnist_r20.py reading
+  for value in filter(None, flag("alphas", "").split(",")):
+    if float(value) not in (0.0, config_alpha):
+      assert f"lns_alpha{float(value):g} seed 0:" in out, (value, out)
+  for value in filter(None, flag("rhos", "").split(",")):
+    if float(value) != config_rho:
+      assert f"lns_rho{float(value):g} seed 0:" in out, (value, out)
+  if "--baseline=" in cmd:
+    assert "baseline: reused; missing" in out, out
+
+
 # The smoke size of a README fashion_mnist command: a tiny ResNet, 64 images, 1-2 steps a
 # stage (the README's flags come first, these after them).
 SMOKE_SIZE = ["--config.model.name=resnet_tiny", "--config.batch_size=32",
