@@ -54,9 +54,12 @@ HEARTBEAT_ENV = "LNS_HEARTBEAT_TIMEOUT_S"
 JAX_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed.initialize's default
 GRACE_S = 60  # after the heartbeat timeout, before the parent ends the child itself
 
-# A line of the child's stderr that means a process of the run is gone.
+# A line of the child's stderr that means a process of the run is gone. The preemption
+# sync manager's failed cancel can come first when the coordinator is killed (seen under
+# load: it leaked before the one error line).
 LOST = re.compile(
     r"Connection (closed|reset) by peer|heartbeat timeout|stopped sending heartbeats|"
+    r"Failed to cancel preemption barrier|"
     r"JAX distributed service detected fatal errors|Polled an error from coordination service|"
     r"Failed to send RPC to coordination service|coordination service.*(UNAVAILABLE|Socket closed)")
 _HEARTBEAT_TASKS = (re.compile(r"Task (\d+) heartbeat timeout"),
