@@ -162,9 +162,10 @@ def _baseline_figure(workdir: str, root: str):
   return path
 
 
-def _sweep_figure(root: str, results: dict, name: str, field: str, title: str):
-  """Fig. 4 (``field='alpha'``) or 5 (``'rho'``); ``None`` when the sweep was not run."""
-  import numpy as np
+def sweep_points(results: dict, field: str) -> Dict[float, List[float]]:
+  """Fig. 4's (``field='alpha'``) or 5's (``'rho'``) points from ``ablation.json``'s
+  content: ``{value: [final test top-1 of each seed]}``, the config's reading only (no
+  fine-tuning, no ``_cewarm`` or other-reduction row, no failed run)."""
   points = {}
   for variant, recs in results["variants"].items():
     recs = [r for r in recs if "failed" not in r]
@@ -177,6 +178,13 @@ def _sweep_figure(root: str, results: dict, name: str, field: str, title: str):
     if field == "alpha" and variant.startswith("lns_rho"):
       continue
     points[recs[0][field]] = [r["test_top1"] for r in recs]
+  return points
+
+
+def _sweep_figure(root: str, results: dict, name: str, field: str, title: str):
+  """Fig. 4 (``field='alpha'``) or 5 (``'rho'``); ``None`` when the sweep was not run."""
+  import numpy as np
+  points = sweep_points(results, field)
   if len(points) < 3:  # the sweep was not asked for
     return None
   xs = sorted(points)

@@ -215,3 +215,29 @@ def test_plots_cli_bad_workdir_is_one_line_exit_2(tmp_path):
   p = subprocess.run([sys.executable, "-m", "lns_jax.plots", f"--workdir={tmp_path / 'none'}"],
                      capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "metrics.jsonl" in p.stderr
+
+
+def test_sweep_points_and_figures_from_ablation_json(tmp_path):
+  """Fig. 4 / 5 from ablation.json's content: a point per value of the config's reading
+  (the extra rows, failed runs and fine-tuning left out); one PNG each, none without a sweep."""
+  from lns_jax import plots
+  rec = lambda seed, top1, alpha, rho, **kw: dict(seed=seed, test_top1=top1, alpha=alpha,  # noqa: E731
+                                                  rho=rho, reduction=None, **kw)
+  results = {"baseline": {"test_top1": 0.80}, "variants": {
+      "finetune": [rec(0, 0.81, 0.0, 0.005)],
+      "lns_alpha0": [rec(0, 0.84, 0.0, 0.005), rec(1, 0.86, 0.0, 0.005)],
+      "lns": [rec(0, 0.82, 1.0, 0.005)],
+      "lns_alpha0.1": [rec(0, 0.83, 0.1, 0.005)],
+      "lns_rho0": [rec(0, 0.79, 1.0, 0.0)],
+      "lns_rho0.05": [rec(0, 0.78, 1.0, 0.05)],
+      "lns_alpha0_cewarm": [rec(0, 0.5, 0.0, 0.005)],
+      "lns_sum": [{"seed": 0, "failed": "non-finite"}],
+      "lns_mean": [rec(0, 0.1, 1.0, 0.005) | {"reduction": "mean"}]}}
+  assert plots.sweep_points(results, "alpha") == {0.0: [0.84, 0.86], 1.0: [0.82], 0.1: [0.83]}
+  assert plots.sweep_points(results, "rho") == {0.005: [0.82], 0.0: [0.79], 0.05: [0.78]}
+  paths = [plots._sweep_figure(str(tmp_path), results, n, f, n) for n, f in
+           (("fig4", "alpha"), ("fig5", "rho"))]
+  assert [os.path.basename(p) for p in paths] == ["fig4.png", "fig5.png"]
+  assert all(os.path.getsize(p) > 1000 for p in paths)
+  del results["variants"]["lns_rho0.05"]  # two rho points: no Fig. 5
+  assert plots._sweep_figure(str(tmp_path / "x"), results, "fig5", "rho", "") is None
