@@ -547,6 +547,11 @@ def parse_floats(text: str, flag: str) -> List[float]:
 # --------------------------------------------------------------------------------- CLI
 
 
+def _names(text: str) -> List[str]:
+  """``'a, b,'`` -> ``['a', 'b']`` (a comma-separated flag)."""
+  return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def main(argv):
   """``python -m lns_jax.ablation``: flags as in the module docstring."""
   import sys
@@ -565,9 +570,9 @@ def main(argv):
   try:
     out = run_ablation(fl.config, fl.workdir, fl.seeds, parse_floats(fl.alphas, "alphas"),
                        parse_floats(fl.rhos, "rhos"), fl.baseline, config_arg=config_arg,
-                       extra_rows=[r.strip() for r in fl.extra_rows.split(",") if r.strip()],
+                       extra_rows=_names(fl.extra_rows),
                        sweep_seeds=None if fl.sweep_seeds < 0 else fl.sweep_seeds,
-                       variants=[v.strip() for v in fl.variants.split(",") if v.strip()],
+                       variants=_names(fl.variants),
                        dry_run=fl.dry_run)
   except (AblationError, config_lib.ConfigError, DatasetNotFoundError,
           CheckpointMismatchError, trainer.TrainingError) as e:

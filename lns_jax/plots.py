@@ -101,12 +101,15 @@ def ablation_figures(root: str, runs, results: dict) -> List[str]:
   base = _baseline_figure(results.get("baseline_workdir") or os.path.join(root, "baseline"), root)
   if base:
     written.append(base)
-  for name, field, title in (("fig4", "alpha", "Fig. 4: top-1 against alpha"),
-                             ("fig5", "rho", "Fig. 5: top-1 against rho")):
-    path = _sweep_figure(root, results, name, field, title)
-    if path:
-      written.append(path)
-  return written
+  return written + sweep_figures(root, results)
+
+
+def sweep_figures(root: str, results: dict) -> List[str]:
+  """Fig. 4 and 5 from ``ablation.json``'s content, those whose sweep was run."""
+  figs = [_sweep_figure(root, results, name, field, title) for name, field, title in
+          (("fig4", "alpha", "Fig. 4: top-1 against alpha"),
+           ("fig5", "rho", "Fig. 5: top-1 against rho"))]
+  return [p for p in figs if p]
 
 
 def _ablation_fig3(root: str, runs, results: dict) -> str:

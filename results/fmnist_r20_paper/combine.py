@@ -51,8 +51,7 @@ def main(argv):
   with open(os.path.join(HERE, "ablation.json"), "w") as f:
     json.dump(merged, f, indent=2)
   tab = ablation.table(merged)
-  figs = [p for p in (plots._sweep_figure(HERE, merged, "fig4", "alpha", "Fig. 4: top-1 against alpha"),
-                      plots._sweep_figure(HERE, merged, "fig5", "rho", "Fig. 5: top-1 against rho")) if p]
+  figs = plots.sweep_figures(HERE, merged)
   lines = ["# Ablation (Table 1, Fig. 4, Fig. 5), the paper's recipe", "",
            f"Config: `{old['config_arg']}`; top-1 in %, mean ± sample std over seeds; "
            f"one baseline. {merged['sessions']} (reproduced exactly in session 10: "
