@@ -19,6 +19,8 @@ Arguments (comma-separated, e.g. ``:quick,val``):
              quarter; alpha 1, rho 0.005 (README "Does LNS work?", DECISIONS 16).
 """
 
+import ml_collections
+
 from lns_jax.config import base_config, parse_args
 
 
@@ -105,6 +107,10 @@ def get_config(arg: str = ""):
     c.finetune.epochs = 1
     c.log_every_steps = 4
     c.checkpoint_every_steps = 4
+    for recipe in c.baselines.values():  # :paper's baselines, 1/12 of their epochs
+      recipe.epochs = recipe.epochs / PAPER_PRETRAIN_EPOCHS
+      if "decay_epochs" in recipe:
+        recipe.decay_epochs = tuple(e / PAPER_PRETRAIN_EPOCHS for e in recipe.decay_epochs)
   return c
 
 
@@ -131,6 +137,16 @@ def paper_recipe(c):
                  decay_epochs=tuple(round(ft * q / 4, 6) for q in (1, 2, 3)))
   c.warmup.update(optimizer="", epochs=0.5, lr=0.01, schedule="constant", decay_epochs=())
   c.alpha, c.rho = 1.0, 0.005
+  # Baselines of increasing strength for `python -m lns_jax.ablation --baselines=...`
+  # (issue 30, DECISIONS 20): the same network and fine-tuning stages, pretrained longer
+  # (SGD, its decay points scaled) or with the default's Adam recipe at batch 128;
+  # adam24 is adam12's check of convergence (twice the epochs).
+  sgd = lambda e: dict(epochs=e, decay_epochs=(e / 2, 3 * e / 4))  # noqa: E731
+  adam = lambda e: dict(optimizer="adam", lr=2e-3, schedule="cosine", decay_epochs=(),  # noqa: E731
+                        epochs=e)
+  c.baselines = ml_collections.ConfigDict({
+      "sgd12": sgd(12.0), "sgd24": sgd(24.0), "sgd48": sgd(48.0),
+      "adam12": adam(12.0), "adam24": adam(24.0)})
   c.log_every_steps = 100
   # Fig. 3's curves over a 3.6-epoch stage: flip rates and evaluation every half epoch.
   c.evals_per_epoch = 2

@@ -91,6 +91,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals_per_epoch = 1
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
+  # Named pretraining recipes, ``{name: {config.pretrain field: value}}``, for
+  # ``python -m lns_jax.ablation --baselines=a,b``: Table 1 from baselines of several
+  # strengths (:func:`lns_jax.ablation.with_baseline`). Training never reads it.
+  c.baselines = ml_collections.ConfigDict()
   c.on_nonfinite = "stop"            # 'stop' | 'skip' (skip the step, count it)
   return c
 
@@ -253,6 +257,13 @@ def _check_keys(config, reference, prefix="", root=None):
     if key not in reference:
       raise ConfigError(unknown_field_message(prefix + key, reference, root))
     sub, ref = config[key], reference[key]
+    if prefix + key == "baselines":  # its names are the config's; each a pretrain recipe
+      for name in sub.keys():
+        if not isinstance(sub[name], ml_collections.ConfigDict):
+          _fail(f"baselines.{name}", f"must be a group of config.pretrain fields, got "
+                f"{sub[name]!r}.")
+        _check_keys(sub[name], root.pretrain, f"baselines.{name}.", root)
+      continue
     if isinstance(ref, ml_collections.ConfigDict):
       if not isinstance(sub, ml_collections.ConfigDict):
         _fail(prefix + key, f"must be a group of fields like {sorted(ref.keys())}, got {sub!r}.")

@@ -213,6 +213,30 @@ def _sweep_figure(root: str, results: dict, name: str, field: str, title: str):
   return path
 
 
+def strength_figure(path: str, series: Dict[str, list]):
+  """Each variant's gain over its baseline (final test top-1, points; mean and sample
+  std over seeds) against the baseline's test top-1 (left) and its final training
+  cross-entropy (right): does the gain shrink as the baseline gets better?
+  ``series``: ``{variant: [(baseline top-1 %, baseline train CE or None, gain mean,
+  gain std)]}`` (:func:`lns_jax.ablation.strength.figure_points`); ``None`` when empty."""
+  if not series:
+    return None
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for ax, x_index, xlabel in ((axes[0], 0, "baseline's test top-1 (%)"),
+                              (axes[1], 1, "baseline's final train cross-entropy")):
+    for variant, pts in series.items():
+      pts = sorted(p for p in pts if p[x_index] is not None)
+      if pts:
+        ax.errorbar([p[x_index] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts],
+                    marker="o", capsize=3, label=variant)
+    ax.axhline(0.0, color="gray", linestyle="--", linewidth=1)
+    _dress(ax, "gain over the baseline", xlabel, "test top-1 gain (points)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def main(argv=None):
   import argparse
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

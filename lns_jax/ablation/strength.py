@@ -1,0 +1,162 @@
+"""Table 1 from baselines of several strengths: does LNS's gain shrink as the baseline
+gets better? (``python -m lns_jax.ablation ... --baselines=sgd12,sgd48,adam12``).
+
+Each name is one of ``config.baselines``' pretraining recipes; its ablation is an
+ordinary one in ``DIR/<name>`` (the baseline in ``DIR/<name>/baseline``, its runs
+beside it) with the same fine-tuning stages whatever the baseline. Every baseline's
+ablation is checked before any trains; then they run in the order given, each resumable.
+``DIR/strength.json`` holds every baseline's ``ablation.json`` content and recipe;
+``DIR/strength.md`` one table (each variant's gain over its baseline, mean ± sample
+std over seeds) and ``DIR/strength.png`` the gain against the baseline's test top-1 and
+its final training cross-entropy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from lns_jax.ablation.plan import AblationError, with_baseline
+from lns_jax.ablation.runner import Ablation, _duration, _print_plan
+
+
+def prepare(config, workdir: str, names: Sequence[str], seeds: int, **kwargs) -> Dict[str, Ablation]:
+  """``{name: its Ablation}``, every one checked (configs, folders) before any trains."""
+  if len(set(names)) != len(names):
+    raise AblationError(f"--baselines={','.join(names)}: a name is given twice.")
+  root = os.path.abspath(os.path.expanduser(workdir))
+  return {name: Ablation.prepare(with_baseline(config, name), os.path.join(root, name),
+                                 seeds, **kwargs) for name in names}
+
+
+def run_strength(config, workdir: str, names: Sequence[str], seeds: int, *, alphas=(),
+                 rhos=(), extra_rows=(), sweep_seeds=None, variants=(), config_arg="",
+                 dry_run=False, log=print, stop_at=None) -> dict:
+  """Runs (or resumes) the ablation from each named baseline, in order; returns
+  ``strength.json``'s content, or ``{'interrupted': True, ...}`` when a run was stopped
+  (``stop_at=(baseline name, variant, seed, stage, step)``, tests)."""
+  import time
+  abls = prepare(config, workdir, names, seeds, alphas=alphas, rhos=rhos,
+                 extra_rows=extra_rows, sweep_seeds=sweep_seeds, variants=variants,
+                 config_arg=config_arg, load_baseline=not dry_run)
+  root = os.path.abspath(os.path.expanduser(workdir))
+  if dry_run:
+    for name, ab in abls.items():
+      log(f"[ablation] baseline {name}: {_recipe_text(ab.config)}")
+      _print_plan(ab.config, ab.root, ab.todo, "", ab.base_dir, log)
+    return {"dry_run": True}
+  os.makedirs(root, exist_ok=True)
+  t0, done = time.time(), [0.0]
+  left0 = sum(ab.epochs_left() for ab in abls.values())
+
+  def eta(d):  # over every baseline's ablation, not only the current one's
+    total = done[0] + d
+    return ("ETA after the first run" if total <= 0 else
+            f"ETA {_duration((time.time() - t0) / total * (left0 - total))}")
+
+  for name, ab in abls.items():
+    before = ab.epochs_left()
+    stop = stop_at[1:] if stop_at and stop_at[0] == name else None
+    out = ab.run(log, stop, eta=eta)
+    if out.get("interrupted"):
+      return out | {"run": f"{name}/{out['run']}"}
+    ab.report()
+    done[0] += before
+    write_report(root, abls, config_arg)
+  summary = write_report(root, abls, config_arg)
+  log("\n" + summary["table"])
+  log(f"[ablation] done: {os.path.join(root, 'strength.md')}")
+  return summary["results"]
+
+
+def _recipe_text(config) -> str:
+  p = config.pretrain
+  opt = p.optimizer or config.optimizer
+  sched = p.schedule + (f" x{p.decay_factor:g} at {', '.join(f'{e:g}' for e in p.decay_epochs)}"
+                        if p.schedule == "piecewise" and p.decay_epochs else "")
+  return f"{opt} lr {p.lr:g}, {p.epochs:g} epochs, {sched}, batch {config.batch_size}"
+
+
+def collect(root: str, abls: Dict[str, Ablation]) -> dict:
+  """``strength.json``'s content: per baseline its recipe and its ablation's results."""
+  from lns_jax.ablation.report import collect as collect_one
+  out = {}
+  for name, ab in abls.items():
+    res = collect_one(ab.root, ab.runs, ab.baseline)
+    res["recipe"] = _recipe_text(ab.config)
+    res["pretrain"] = json.loads(ab.config.pretrain.to_json_best_effort())
+    out[name] = res
+  return out
+
+
+def gains(results: dict, key: str = "test_top1") -> Dict[str, List[float]]:
+  """``{variant: [its runs' key - the baseline's key]}`` (finished runs; fractions)."""
+  base = results.get("baseline", {}).get(key)
+  if base is None:
+    return {}
+  return {v: [r[key] - base for r in recs if key in r and "failed" not in r]
+          for v, recs in results["variants"].items()}
+
+
+def figure_points(strength: dict) -> Dict[str, list]:
+  """``{variant: [(baseline test top-1 %, baseline final train CE, gain mean, gain
+  sample std)]}`` in points, one per baseline with a finished run of the variant."""
+  series: Dict[str, list] = {}
+  for res in strength.values():
+    b = res.get("baseline", {})
+    for variant, g in gains(res).items():
+      if g:
+        series.setdefault(variant, []).append(
+            (100 * b["test_top1"], b.get("train_ce_final"), 100 * float(np.mean(g)),
+             100 * float(np.std(g, ddof=1)) if len(g) > 1 else 0.0))
+  return series
+
+
+def _pm(values: List[float]) -> str:
+  if not values:
+    return "-"
+  m = 100 * float(np.mean(values))
+  if len(values) == 1:
+    return f"{m:+.2f} (1 seed)"
+  return f"{m:+.2f} ± {100 * float(np.std(values, ddof=1)):.2f}"
+
+
+def table(strength: dict) -> str:
+  """One row per baseline: its recipe, test/val top-1, final train cross-entropy, and
+  each variant's test top-1 gain over it in points (mean ± sample std over seeds)."""
+  variants = list(dict.fromkeys(v for res in strength.values() for v in res["variants"]))
+  head = ["baseline", "recipe", "test top-1", "val top-1", "train CE (end)", *variants]
+  rows = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+  for name, res in strength.items():
+    b = res.get("baseline", {})
+    pct = lambda k: f"{100 * b[k]:.2f}" if k in b else "-"  # noqa: E731
+    ce = f"{b['train_ce_final']:.3f}" if "train_ce_final" in b else "-"
+    g = gains(res)
+    rows.append("| " + " | ".join([name, res.get("recipe", ""), pct("test_top1"),
+                                    pct("val_top1"), ce] +
+                                   [_pm(g.get(v, [])) for v in variants]) + " |")
+  return "\n".join(rows)
+
+
+def write_report(root: str, abls: Dict[str, Ablation], config_arg: str = "") -> dict:
+  """Writes ``strength.json``, ``strength.md`` and ``strength.png``."""
+  from lns_jax import parallel, plots
+  from lns_jax import workdir as workdir_lib
+  strength = collect(root, abls)
+  tab = table(strength)
+  if parallel.is_main_process():
+    workdir_lib.write_json_atomic(os.path.join(root, "strength.json"), strength)
+    fig = plots.strength_figure(os.path.join(root, "strength.png"),
+                                figure_points(strength))
+    lines = ["# LNS against how far the baseline was trained", "",
+             f"Config: `{config_arg}`; each variant's final test top-1 minus its baseline's, "
+             f"in points, mean ± sample std over seeds; finished runs only. Each baseline's "
+             f"full Table 1: `<name>/ablation.md`.", "", tab, ""]
+    if fig:
+      lines += [f"![{os.path.basename(fig)}]({os.path.basename(fig)})", ""]
+    with open(os.path.join(root, "strength.md"), "w") as f:
+      f.write("\n".join(lines))
+  return {"results": strength, "table": tab}
