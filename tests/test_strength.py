@@ -1,0 +1,186 @@
+"""Table 1 from baselines of several strengths (``--baselines``), the fine-tuning controls
+(``--extra_rows=finetune_lr10x,finetune_matched``) and the strength report (issue 30)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lns_jax import ablation
+from lns_jax import config as config_lib
+from lns_jax.ablation import strength
+from lns_testutil import ROOT, load_config
+
+CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_r20.py")
+# :paper,smoke,val at the smallest size: 2 steps an epoch at batch 32.
+FLAGS = [f"--config={CONFIG}:paper,smoke,val", "--config.data.val_examples=32",
+         "--config.data.train_examples=64", "--config.data.eval_examples=32",
+         "--config.lns.epochs=0.5", "--config.warmup.epochs=0.5", "--config.log_every_steps=1",
+         "--config.checkpoint_every_steps=1"]
+
+
+def _config():
+  c = load_config("fashion_mnist_r20.py", "paper,smoke,val")
+  c.data.val_examples, c.data.train_examples, c.data.eval_examples = 32, 64, 32
+  c.lns.epochs = c.warmup.epochs = 0.5
+  c.log_every_steps = c.checkpoint_every_steps = 1
+  return c
+
+
+def _mtimes(root):
+  return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, files in os.walk(root) for f in files if f == "result.json"}
+
+
+def test_the_controls_rows_in_the_plan():
+  c = load_config("fashion_mnist_r20.py", "paper,val")
+  runs = ablation.plan(c, seeds=3, extra_rows=["finetune_matched", "finetune_lr10x"])
+  assert [r.variant for r in runs if r.seed == 0] == [
+      "finetune", "lns_alpha0", "lns", "finetune_lr10x", "finetune_matched"]
+  assert len(runs) == 15  # every row at every seed: the controls get 3 seeds too
+  by = {r.variant: r for r in runs if r.seed == 2}
+  base = ablation.run_config(c, by["finetune"], "/b").finetune
+  lr10 = ablation.run_config(c, by["finetune_lr10x"], "/b").finetune
+  matched = ablation.run_config(c, by["finetune_matched"], "/b").finetune
+  assert (base.lr, base.epochs, base.decay_epochs) == (0.01, 3.6, (0.9, 1.8, 2.7))
+  assert (lr10.lr, lr10.epochs, lr10.decay_epochs) == (0.1, 3.6, (0.9, 1.8, 2.7))
+  # Compute-matched: warmup (0.5) + lns (3.6) epochs, the LNS stage's decays after the warm start.
+  assert (matched.lr, matched.epochs, matched.decay_epochs) == (0.01, 4.1, (1.4, 2.3, 3.2))
+  assert by["finetune_matched"].describe().endswith("as long as warmup + lns")
+  assert by["finetune_lr10x"].describe() == "finetune, alpha 0, rho 0.005, lr x10"
+  with pytest.raises(ablation.AblationError, match="finetune_lr100x"):
+    ablation.plan(c, 1, extra_rows=["finetune_lr100x"])
+
+
+def test_named_baselines_update_pretraining_only():
+  c = load_config("fashion_mnist_r20.py", "paper,val")
+  assert ablation.baseline_names(c) == ["adam12", "adam24", "sgd12", "sgd24", "sgd48"]
+  sgd48, adam12 = ablation.with_baseline(c, "sgd48"), ablation.with_baseline(c, "adam12")
+  assert (sgd48.pretrain.epochs, sgd48.pretrain.decay_epochs) == (48.0, (24.0, 36.0))
+  assert (adam12.pretrain.optimizer, adam12.pretrain.schedule) == ("adam", "cosine")
+  for b in (sgd48, adam12):
+    assert b.lns.to_dict() == c.lns.to_dict() and b.finetune == c.finetune
+    config_lib.validate(b)
+  assert ablation.with_baseline(c, "sgd12").pretrain == c.pretrain  # :paper's own baseline
+  with pytest.raises(ablation.AblationError, match="'sgd96' is not a baseline of this config"):
+    ablation.with_baseline(c, "sgd96")
+  c.baselines.sgd12.epochs = 3.0  # a recipe is checked like the pretrain fields it sets
+  bad = load_config("fashion_mnist_r20.py", "paper")
+  bad.baselines.sgd12 = {"epocs": 3.0}
+  with pytest.raises(config_lib.ConfigError, match=r"config.baselines.sgd12.epocs: unknown"):
+    config_lib.validate(bad)
+
+
+def _res(base_top1, ce, **variants):
+  rec = lambda s, t: {"seed": s, "test_top1": t}  # noqa: E731
+  return {"baseline": {"test_top1": base_top1, "train_ce_final": ce}, "recipe": "r",
+          "variants": {v: [rec(s, t) for s, t in enumerate(ts)] for v, ts in variants.items()}}
+
+
+def test_strength_table_and_figure_from_hand_built_records(tmp_path):
+  from lns_jax import plots
+  records = {"weak": _res(0.80, 0.45, finetune=[0.81, 0.83], lns_alpha0=[0.845, 0.85, 0.84]),
+             "strong": _res(0.90, 0.20, finetune=[0.9], lns_alpha0=[0.899, 0.901]),
+             "empty": {"baseline": {}, "variants": {"finetune": []}}}
+  g = strength.gains(records["weak"])
+  np.testing.assert_allclose(g["lns_alpha0"], [0.045, 0.05, 0.04])
+  lines = strength.table(records).splitlines()
+  weak_ft = 100 * np.array([0.01, 0.03])
+  assert lines[2] == (f"| weak | r | 80.00 | - | 0.450 | +{weak_ft.mean():.2f} ± "
+                      f"{weak_ft.std(ddof=1):.2f} | +4.50 ± 0.50 |")
+  assert lines[3] == "| strong | r | 90.00 | - | 0.200 | +0.00 (1 seed) | +0.00 ± 0.14 |"
+  assert lines[4].startswith("| empty |") and lines[4].endswith("| - | - |")
+  points = strength.figure_points(records)
+  assert points["lns_alpha0"] == [(80.0, 0.45, pytest.approx(4.5), pytest.approx(0.5)),
+                                  (90.0, 0.2, pytest.approx(0.0), pytest.approx(0.1414, 1e-3))]
+  path = plots.strength_figure(str(tmp_path / "strength.png"), points)
+  assert os.path.getsize(path) > 5000
+  assert plots.strength_figure(str(tmp_path / "none.png"), {}) is None
+
+
+def test_train_ce_tail_from_a_metrics_file(tmp_path):
+  from lns_jax import reporting
+  from lns_jax import workdir as workdir_lib
+  os.makedirs(tmp_path / "run")
+  xs = np.arange(1, 81) / 10  # 8 epochs, a record every tenth of an epoch
+  ys = 1.0 / xs
+  with open(workdir_lib.path(str(tmp_path / "run"), workdir_lib.METRICS), "w") as f:
+    for x, y in zip(xs, ys):
+      f.write(json.dumps({"kind": reporting.TRAIN, "stage": "pretrain", "step": int(x * 10),
+                          "epoch": float(x), "ce": float(y)}) + "\n")
+  out = ablation.train_ce_tail(str(tmp_path / "run"))
+  assert out["train_ce_final"] == pytest.approx(ys[xs > 7].mean())
+  assert out["train_ce_last_quarter"] == [pytest.approx(ys[(xs > 6) & (xs <= 7)].mean()),
+                                          pytest.approx(ys[xs > 7].mean())]
+  assert ablation.train_ce_tail(str(tmp_path / "none")) == {}
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--baselines=sgd12,nope"], "--baselines: 'nope' is not a baseline of this config; "
+                                 "choose from adam12, adam24, sgd12, sgd24, sgd48"),
+    (["--baselines=sgd12,sgd12"], "a name is given twice"),
+    (["--baselines=sgd12", "--baseline=/x/pretrain"], "--baseline and --baselines: give one"),
+    (["--baselines=sgd12", "--config.baselines.sgd12.epochs=-1"], "config.pretrain.epochs"),
+    (["--extra_rows=finetune_lr3x"], "--extra_rows: 'finetune_lr3x' is not one of"),
+])
+def test_cli_bad_input_one_line(tmp_path, flags, expect):
+  cmd = [sys.executable, "-m", "lns_jax.ablation", *FLAGS, f"--workdir={tmp_path / 'w'}", *flags]
+  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  err = [line for line in p.stderr.splitlines() if line.strip()]
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+  assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], p.stderr
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
+  """Two baselines (SGD, Adam), fine-tuning and the compute-matched control from each:
+  interrupted in the middle of the second baseline's pretraining, then the same command
+  resumes it; the first baseline's runs are not repeated."""
+  root = tmp_path / "strength"
+  names, rows = ["sgd12", "adam12"], dict(extra_rows=["finetune_matched"],
+                                          variants=["finetune", "finetune_matched"])
+  logs = []
+  out = ablation.run_strength(_config(), str(root), names, 1, log=logs.append,
+                              stop_at=("adam12", "baseline", None, "pretrain", 1), **rows)
+  assert out == {"interrupted": True, "run": "adam12/baseline", "signal": None}
+  assert (root / "sgd12" / "finetune_matched" / "seed0" / "finetune" / "result.json").exists()
+  assert os.listdir(root / "adam12" / "baseline" / "pretrain" / "checkpoints")
+  before = _mtimes(root)
+  cmd = [sys.executable, "-m", "lns_jax.ablation", *FLAGS, f"--workdir={root}", "--seeds=1",
+         "--baselines=sgd12,adam12", "--extra_rows=finetune_matched",
+         "--variants=finetune,finetune_matched"]
+  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                     env=dict(os.environ, LNS_FAST_COMPILE="1"))
+  assert p.returncode == 0, p.stderr[-3000:]
+  started = [line for line in p.stdout.splitlines() if line.startswith("[ablation] run")]
+  assert [s.split(" in ")[0] for s in started] == [
+      "[ablation] run 0/2: baseline (pretrain, 1 epochs)",
+      "[ablation] run 1/2: finetune seed 0 (finetune, alpha 0, rho 0.005)",
+      "[ablation] run 2/2: finetune_matched seed 0 (finetune, alpha 0, rho 0.005, as long as "
+      "warmup + lns)"], p.stdout
+  after = _mtimes(root)
+  assert all(after[k] == v for k, v in before.items())  # sgd12's runs were not repeated
+  saved = json.loads((root / "strength.json").read_text())
+  assert list(saved) == names
+  for name in names:
+    res = saved[name]
+    one = json.loads((root / name / "ablation.json").read_text())
+    assert (res["baseline"], res["variants"]) == (one["baseline"], one["variants"])
+    assert 0 < res["baseline"]["test_top1"] <= 1 and res["baseline"]["train_ce_final"] > 0
+    assert [len(res["variants"][v]) for v in ("finetune", "finetune_matched")] == [1, 1]
+    assert (root / name / "baseline.png").stat().st_size > 1000
+  assert saved["adam12"]["pretrain"]["optimizer"] == "adam"
+  assert saved["sgd12"]["recipe"] == "sgd lr 0.1, 1 epochs, piecewise x0.1 at 0.5, 0.75, batch 32"
+  cfg = json.loads((root / "adam12" / "finetune_matched" / "seed0" / "config.json").read_text())
+  assert cfg["finetune"]["epochs"] == 1.0 and cfg["pretrain"]["optimizer"] == "adam"
+  md = (root / "strength.md").read_text()
+  assert "| sgd12 |" in md and "| adam12 |" in md and "strength.png" in md
+  assert (root / "strength.png").stat().st_size > 5000
+  # Once more: nothing is left, nothing runs, the report is the same.
+  p2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert p2.returncode == 0 and "[ablation] run" not in p2.stdout, p2.stdout[-2000:]
+  assert _mtimes(root) == after
