@@ -344,6 +344,11 @@ def test_readme_ablation_command_plans_as_typed(cli, tmp_path, cmd):
       assert f"lns_rho{float(value):g} seed 0:" in out, (value, out)
   if "--baseline=" in cmd:
     assert "baseline: reused; missing" in out, out
+  for name in filter(None, flag("baselines", "").split(",")):  # each baseline's own plan
+    assert f"[ablation] baseline {name}: " in out and f"{name}/finetune/seed0" in out, out
+  for row in filter(None, flag("extra_rows", "").split(",")):
+    if row.startswith("finetune_"):  # the controls' rows are named as the flag's
+      assert f"{row} seed {seeds - 1}:" in out, (row, out)
 
 
 # The smoke size of a README fashion_mnist command: a tiny ResNet, 64 images, 1-2 steps a

@@ -165,7 +165,7 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   after = _mtimes(root)
   assert all(after[k] == v for k, v in before.items())  # sgd12's runs were not repeated
   saved = json.loads((root / "strength.json").read_text())
-  assert list(saved) == names
+  assert set(saved) == set(names)
   for name in names:
     res = saved[name]
     one = json.loads((root / name / "ablation.json").read_text())
@@ -184,3 +184,22 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   p2 = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
   assert p2.returncode == 0 and "[ablation] run" not in p2.stdout, p2.stdout[-2000:]
   assert _mtimes(root) == after
+  # A baseline alone (adam12's convergence check at twice the epochs): the report keeps
+  # every baseline of the workdir, weakest first.
+  p3 = subprocess.run(cmd[:-3] + ["--baselines=adam24", "--variants=baseline"],
+                      capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert p3.returncode == 0 and "run 0/0: baseline (pretrain, 2 epochs)" in p3.stdout, p3.stdout
+  assert not (root / "adam24" / "finetune").exists()
+  again = json.loads((root / "strength.json").read_text())
+  assert set(again) == {"sgd12", "adam12", "adam24"} and not any(again["adam24"]["variants"].values())
+  tops = [r["baseline"]["test_top1"] for r in again.values()]
+  assert tops == sorted(tops)
+  # --report_only: the report of what is finished, for every baseline; nothing trains,
+  # not even a baseline that was never pretrained (sgd24).
+  (root / "strength.md").unlink()
+  finished = _mtimes(root)
+  p4 = subprocess.run(cmd[:-3] + ["--baselines=sgd12,sgd24", "--report_only"],
+                      capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert p4.returncode == 0 and "[ablation] run" not in p4.stdout, p4.stdout[-2000:]
+  assert "| adam24 |" in (root / "strength.md").read_text()
+  assert not (root / "sgd24" / "baseline").exists() and _mtimes(root) == finished

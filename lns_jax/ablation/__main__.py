@@ -24,6 +24,8 @@ flags.DEFINE_string("variants", "", "Run only these rows of the plan, e.g. "
                     "lns_alpha0.1,lns_rho0 (the report covers every finished run).")
 flags.DEFINE_bool("dry_run", False, "Check every run's config and print the plan (each "
                   "run and its state, the epochs left); train and write nothing.")
+flags.DEFINE_bool("report_only", False, "Write the report (tables, figures) of the runs "
+                  "finished so far; train nothing.")
 flags.DEFINE_string("baseline", "", "Reuse this pretrained baseline (a stage or final/ "
                     "folder) instead of pretraining one in WORKDIR/baseline.")
 flags.DEFINE_string("baselines", "", "Run the ablation from each of these of "
@@ -48,7 +50,8 @@ def main(argv):
                   rhos=ablation.parse_floats(fl.rhos, "rhos"), config_arg=config_arg,
                   extra_rows=ablation.names(fl.extra_rows),
                   sweep_seeds=None if fl.sweep_seeds < 0 else fl.sweep_seeds,
-                  variants=ablation.names(fl.variants), dry_run=fl.dry_run)
+                  variants=ablation.names(fl.variants), dry_run=fl.dry_run,
+                  report_only=fl.report_only)
     if fl.baselines:
       if fl.baseline:
         raise ablation.AblationError("--baseline and --baselines: give one (--baselines "

@@ -107,13 +107,14 @@ def plan(config, seeds: int, alphas: Sequence[float] = (), rhos: Sequence[float]
 
 
 def select(runs: List[Run], variants: Sequence[str] = ()) -> List[Run]:
-  """The runs of ``variants`` (all when empty); an unplanned name is one error line."""
+  """The runs of ``variants`` (all when empty); an unplanned name is one error line.
+  ``baseline`` names no run: ``--variants=baseline`` pretrains the baseline alone."""
   planned = list(dict.fromkeys(r.variant for r in runs))
-  unknown = [v for v in variants if v not in planned]
+  unknown = [v for v in variants if v not in planned and v != BASELINE]
   if unknown:
     raise AblationError(f"--variants: {', '.join(unknown)} not in this ablation's plan; "
-                        f"choose from {', '.join(planned)} (the sweeps' rows need --alphas/"
-                        f"--rhos, the extra rows --extra_rows).")
+                        f"choose from {', '.join([BASELINE] + planned)} (the sweeps' rows "
+                        f"need --alphas/--rhos, the extra rows --extra_rows).")
   return [r for r in runs if not variants or r.variant in variants]
 
 

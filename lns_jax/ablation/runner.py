@@ -129,8 +129,8 @@ def _eta(t0: float, done: float, left: float) -> str:
 
 def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
                  baseline: str = "", *, extra_rows=(), sweep_seeds=None, variants=(),
-                 config_arg: str = "", dry_run: bool = False, log=print,
-                 stop_at=None) -> dict:
+                 config_arg: str = "", dry_run: bool = False, report_only: bool = False,
+                 log=print, stop_at=None) -> dict:
   """Runs (or resumes) the whole ablation; returns ``ablation.json``'s content.
 
   ``dry_run`` (``--dry_run``) checks every run's config and prints the plan (each run,
@@ -138,6 +138,7 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
 
   ``variants`` (``--variants``) runs only those rows of the plan (e.g. one sweep's
   points); the report still covers every planned run finished in ``workdir``.
+  ``report_only`` (``--report_only``) writes the report of what is finished, trains nothing.
 
   ``stop_at=(variant, seed, stage, step)`` interrupts one run as a preemption would
   (tests). Returns ``{'interrupted': True, ...}`` when a run was stopped.
@@ -148,7 +149,7 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
   if dry_run:
     return _print_plan(config, ab.root, ab.todo, baseline, ab.base_dir, log)
   os.makedirs(ab.root, exist_ok=True)
-  out = ab.run(log, stop_at)
+  out = collect(ab.root, ab.runs, baseline) if report_only else ab.run(log, stop_at)
   if out.get("interrupted"):
     return out
   table = ab.report()

@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from lns_jax.ablation.plan import AblationError, with_baseline
+from lns_jax.ablation.plan import AblationError, baseline_names, with_baseline
 from lns_jax.ablation.runner import Ablation, _duration, _print_plan
 
 
@@ -34,15 +34,22 @@ def prepare(config, workdir: str, names: Sequence[str], seeds: int, **kwargs) ->
 
 def run_strength(config, workdir: str, names: Sequence[str], seeds: int, *, alphas=(),
                  rhos=(), extra_rows=(), sweep_seeds=None, variants=(), config_arg="",
-                 dry_run=False, log=print, stop_at=None) -> dict:
+                 dry_run=False, report_only=False, log=print, stop_at=None) -> dict:
   """Runs (or resumes) the ablation from each named baseline, in order; returns
   ``strength.json``'s content, or ``{'interrupted': True, ...}`` when a run was stopped
-  (``stop_at=(baseline name, variant, seed, stage, step)``, tests)."""
+  (``stop_at=(baseline name, variant, seed, stage, step)``, tests). ``report_only``
+  (``--report_only``) writes the report of what is finished and trains nothing."""
   import time
   abls = prepare(config, workdir, names, seeds, alphas=alphas, rhos=rhos,
                  extra_rows=extra_rows, sweep_seeds=sweep_seeds, variants=variants,
                  config_arg=config_arg, load_baseline=not dry_run)
   root = os.path.abspath(os.path.expanduser(workdir))
+  # The report covers every baseline of the config with a folder in DIR, not only these.
+  others = [n for n in baseline_names(config) if n not in abls and os.path.isdir(
+      os.path.join(root, n))]
+  reported = {**abls, **prepare(config, root, others, seeds, alphas=alphas, rhos=rhos,
+                                extra_rows=extra_rows, sweep_seeds=sweep_seeds,
+                                load_baseline=False)}
   if dry_run:
     for name, ab in abls.items():
       log(f"[ablation] baseline {name}: {_recipe_text(ab.config)}")
@@ -58,6 +65,10 @@ def run_strength(config, workdir: str, names: Sequence[str], seeds: int, *, alph
             f"ETA {_duration((time.time() - t0) / total * (left0 - total))}")
 
   for name, ab in abls.items():
+    if report_only:  # each baseline's own Table 1 and figures, refreshed
+      if os.path.isdir(ab.root):
+        ab.report()
+      continue
     before = ab.epochs_left()
     stop = stop_at[1:] if stop_at and stop_at[0] == name else None
     out = ab.run(log, stop, eta=eta)
@@ -65,8 +76,8 @@ def run_strength(config, workdir: str, names: Sequence[str], seeds: int, *, alph
       return out | {"run": f"{name}/{out['run']}"}
     ab.report()
     done[0] += before
-    write_report(root, abls, config_arg)
-  summary = write_report(root, abls, config_arg)
+    write_report(root, reported, config_arg)
+  summary = write_report(root, reported, config_arg)
   log("\n" + summary["table"])
   log(f"[ablation] done: {os.path.join(root, 'strength.md')}")
   return summary["results"]
@@ -89,7 +100,9 @@ def collect(root: str, abls: Dict[str, Ablation]) -> dict:
     res["recipe"] = _recipe_text(ab.config)
     res["pretrain"] = json.loads(ab.config.pretrain.to_json_best_effort())
     out[name] = res
-  return out
+  # Rows from the weakest baseline to the strongest (those without a result last).
+  order = sorted(out, key=lambda n: out[n]["baseline"].get("test_top1", 2.0))
+  return {n: out[n] for n in order}
 
 
 def gains(results: dict, key: str = "test_top1") -> Dict[str, List[float]]:
