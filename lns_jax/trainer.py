@@ -51,7 +51,7 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  # Flip rates (DESIGN decision 5): effective binary signs at the previous epoch end
+  # Flip rates (DECISIONS.md 5): effective binary signs at the previous epoch end
   # and of the network the stage started from; int8, one entry per binary layer.
   signs_prev: Any
   signs_init: Any
