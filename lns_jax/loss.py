@@ -99,7 +99,9 @@ def lns_loss(q_hat: Array, q_tilde: Array, rho: Rho, reduction: str = "mean") ->
 
   Args:
     q_hat: mapped weights ``f_theta(W)`` (Eq. 4), any shape.
-    q_tilde: noisy labels ``sign(W)`` in {-1, +1}, same shape (Eq. 1).
+    q_tilde: noisy labels ``sign(W)`` in {-1, +1}, same shape (Eq. 1); not checked:
+      take them from :func:`lns_jax.sign` (``sign(0) = +1``), not ``jnp.sign`` (0 at 0,
+      which this loss reads as -1).
     rho: ``rho`` (symmetric) or ``(rho_pos, rho_neg)`` (Eq. 8-9): a number, a tuple,
       a list or a shape-``(2,)`` array. Concrete values are validated
       (:func:`check_rho`, ``ValueError``); traced values (an argument of ``jit``) are
