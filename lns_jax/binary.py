@@ -11,7 +11,12 @@ module call. From that one trace come
 
 and from a model's variables, :func:`layer_signs` / :func:`effective_signs`: the signs
 the binary convs compute with, ``sign(q_hat)`` for an LNS layer (f_theta in eval mode,
-DESIGN decision 8) or ``sign(W)`` for a sign layer; :func:`latent_signs`: ``sign(W)``.
+DECISIONS.md 8) or ``sign(W)`` for a sign layer; :func:`latent_signs`: ``sign(W)``.
+
+The public helpers for training LNS in one's own model (exported by ``lns_jax``, used by
+the trainer): :func:`collect_pairs` (Eq. 21's input from ``model.apply``'s updates),
+:func:`keep_network_stats` (the warm start's BatchNorm rule, DECISIONS.md 4) and
+:func:`from_baseline` (an LNS model's variables started from a ``sign`` baseline's).
 
 This module sits below the trainer, the export and the summary; it imports only the
 method's modules.
@@ -26,6 +31,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from lns_jax import quantizers
@@ -134,17 +140,102 @@ def latent_signs(layers: Dict[Path, str], params, only=("sign", "lns")) -> dict:
       for path, b in layers.items() if b in only})
 
 
-def lns_pairs(updates, labels=None) -> Dict[str, Tuple[jax.Array, jax.Array]]:
-  """``{layer: (q_hat, q_tilde)}`` the LNS layers sowed in a ``model.apply``'s mutable
-  ``updates``; ``q_tilde`` from ``labels`` (``sign(W0)``, ``config.labels='pretrained'``)
-  where given."""
-  flat = traverse_util.flatten_dict(flax.core.unfreeze(updates.get(LNS_COLLECTION, {})))
+def collect_pairs(updates, labels=None) -> Dict[str, Tuple[jax.Array, jax.Array]]:
+  """``{layer: (q_hat, q_tilde)}`` for Eq. 21 from ``model.apply``'s mutable ``updates``.
+
+  ``updates``: the second output of ``model.apply(variables, x, mutable=['batch_stats',
+  'lns'])`` (or its ``'lns'`` collection alone); ``layer`` is the module path joined by
+  ``/``. A layer applied several times (a shared module) sows one pair per call, all
+  equal (one ``W``, one theta; f_theta normalises with its filters' statistics,
+  DECISIONS.md 8): it is one entry, the last pair, so one ``W`` gives one auxiliary
+  term. The last, because an ``'lns'`` collection passed back into ``apply`` keeps its
+  old pairs in front of the new ones. ``labels``: ``{layer path: sign(W0)}`` (the
+  ``config.labels='pretrained'`` reading, DECISIONS.md 3) replaces ``q_tilde``. A model
+  applied without ``'lns'`` in ``mutable`` gives ``{}``, which
+  :func:`lns_jax.lns_objective` refuses for ``alpha > 0``.
+  """
+  updates = flax.core.unfreeze(updates)
+  if not isinstance(updates, dict):
+    raise TypeError(f"collect_pairs takes model.apply's updates (a dict), got "
+                    f"{type(updates).__name__}.")
+  sown = updates.get(LNS_COLLECTION, updates)
+  flat = traverse_util.flatten_dict(sown)
   flat_labels = traverse_util.flatten_dict(labels) if labels else {}
+  if LNS_COLLECTION not in updates and any(k[-1] != "pairs" for k in flat):
+    return {}  # the updates of an apply without 'lns' in mutable (or of no LNS layer)
   pairs = {}
-  for key, sown in flat.items():
+  for key, calls in flat.items():
     path = key[:-1]  # drop the 'pairs' name
-    (q_hat, q_tilde), = sown
+    if not (isinstance(calls, tuple) and calls
+            and all(isinstance(c, tuple) and len(c) == 2 for c in calls)):
+      raise TypeError(f"collect_pairs: {'/'.join(key)} is not what BinaryConv sows (a "
+                      f"tuple of (q_hat, q_tilde) pairs); pass model.apply's updates.")
+    q_hat, q_tilde = calls[-1]
     if path in flat_labels:
       q_tilde = flat_labels[path].astype(q_hat.dtype)
     pairs["/".join(path)] = (q_hat, q_tilde)
   return pairs
+
+
+def keep_network_stats(batch_stats, new_batch_stats):
+  """The warm start's BatchNorm rule (DECISIONS.md 4): ``new_batch_stats``' running
+  averages of the mapping networks f_theta, ``batch_stats``' of everything else.
+
+  Use it after a train-mode ``apply`` when only f_theta trains
+  (:func:`lns_jax.train_mapping_only`): the network still normalises with batch
+  statistics, but its running averages, which evaluation uses, stay the baseline's.
+  Both are ``batch_stats`` trees of one model; the result has ``batch_stats``' keys.
+  """
+  flat_new = traverse_util.flatten_dict(flax.core.unfreeze(new_batch_stats))
+  flat_old = traverse_util.flatten_dict(flax.core.unfreeze(batch_stats))
+  missing = [k for k in flat_old if is_mapping(k) and k not in flat_new]
+  if missing:
+    raise ValueError(f"keep_network_stats: new_batch_stats lacks {'/'.join(missing[0])}; "
+                     f"both must be batch_stats of the same model.")
+  return traverse_util.unflatten_dict(
+      {k: flat_new[k] if is_mapping(k) else flat_old[k] for k in flat_old})
+
+
+def _merge(target, source, what: str, col: str) -> dict:
+  """``source``'s leaves in ``target``'s tree; leaves only in ``target`` must be f_theta's."""
+  flat_t = traverse_util.flatten_dict(flax.core.unfreeze(target))
+  flat_s = traverse_util.flatten_dict(flax.core.unfreeze(source))
+  name = lambda k: "/".join((col, *k))  # noqa: E731
+  extra = [k for k in flat_s if k not in flat_t]
+  if extra:
+    raise ValueError(
+        f"{what}: {name(extra[0])} (and {len(extra) - 1} more) is not in the model; the "
+        f"variables are of another model (or another config.model).")
+  out = {}
+  for k, v in flat_t.items():
+    if k in flat_s:
+      if tuple(np.shape(flat_s[k])) != tuple(v.shape):
+        raise ValueError(
+            f"{what}: {name(k)} has shape {np.shape(flat_s[k])} there but "
+            f"{tuple(v.shape)} in the model (another width, dataset or model?).")
+      out[k] = jnp.asarray(flat_s[k], v.dtype)
+    elif is_mapping(k):
+      out[k] = v
+    else:
+      raise ValueError(f"{what}: {name(k)} is missing; only the mapping networks (new in "
+                       f"an LNS model) may be, so the variables are of another model.")
+  return traverse_util.unflatten_dict(out)
+
+
+def from_baseline(variables, baseline, what: str = "baseline") -> dict:
+  """An LNS model's variables started from a trained network's (Sec. 4.1's warm start).
+
+  ``variables``: a fresh ``init`` of the model with ``weight_binarizer='lns'`` (its
+  mapping networks f_theta are kept as initialised); ``baseline``: the variables of the
+  same network with ``'sign'`` weights (or of an earlier LNS stage). Every leaf of the
+  baseline is copied in, in the model's dtype; collections of ``variables`` that the
+  baseline lacks are kept. A leaf of the baseline that the model lacks, one of another
+  shape, or a model leaf outside f_theta that the baseline lacks is a ``ValueError``
+  naming it (and ``what``). Works on abstract variables (``jax.eval_shape``) and under jit.
+  """
+  variables, baseline = flax.core.unfreeze(variables), flax.core.unfreeze(baseline)
+  extra = sorted(c for c in baseline if c not in variables and baseline[c])
+  if extra:
+    raise ValueError(f"{what}: has the collection {extra[0]!r}, which the model does not.")
+  return {**variables, **{col: _merge(variables[col], baseline[col], what, col)
+                          for col in baseline if col in variables}}

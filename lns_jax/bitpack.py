@@ -15,7 +15,7 @@ provides
   packed bits equal, exactly, to ``lax.conv_general_dilated`` of the ±1 tensors
   (NHWC input, HWIO kernel: Flax's layout), zero padding and strides included.
 
-Sign convention (DESIGN.md, Eq. 1): ``sign(0) = +1``; ``-0.0 >= 0`` holds, so negative
+Sign convention (Eq. 1): ``sign(0) = +1``; ``-0.0 >= 0`` holds, so negative
 zero is +1 too. A set bit means +1. NaN compares false, so it becomes -1.
 
 Bit layout in :func:`pack_bits`: element ``j`` of the packed axis is bit ``j % word_bits``

@@ -27,9 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from lns_jax import parallel
+from lns_jax import binary, parallel
 from lns_jax import workdir as workdir_lib
-from lns_jax.binary import is_mapping
 
 
 class CheckpointMismatchError(ValueError):
@@ -162,30 +161,11 @@ def load_meta(step_dir: str) -> dict:
     return {}
 
 
-def merge_variables(target: dict, source: dict, what: str) -> dict:
-  """Copies ``source`` leaves into ``target`` (a fresh init of the stage's model).
-
-  Leaves only in ``target`` must be mapping networks (new in 'warmup'/'lns'); anything
-  else missing, extra or of another shape is a :class:`CheckpointMismatchError`.
-  """
-  flat_t = traverse_util.flatten_dict(flax.core.unfreeze(target))
-  flat_s = traverse_util.flatten_dict(flax.core.unfreeze(source))
-  extra = [k for k in flat_s if k not in flat_t]
-  if extra:
-    raise CheckpointMismatchError(
-        f"{what}: the checkpoint has {'/'.join(extra[0])} (and {len(extra) - 1} more) which the "
-        f"configured model does not; it was saved from another model or config.model.")
-  out = {}
-  for k, v in flat_t.items():
-    if k in flat_s:
-      if tuple(np.shape(flat_s[k])) != tuple(v.shape):
-        raise CheckpointMismatchError(
-            f"{what}: {'/'.join(k)} has shape {np.shape(flat_s[k])} in the checkpoint but "
-            f"{tuple(v.shape)} in the configured model (another width, dataset or model?).")
-      out[k] = jnp.asarray(flat_s[k], v.dtype)
-    elif is_mapping(k):
-      out[k] = v
-    else:
-      raise CheckpointMismatchError(
-          f"{what}: the checkpoint lacks {'/'.join(k)}; it was saved from another model.")
-  return traverse_util.unflatten_dict(out)
+def from_start(variables: dict, start: dict, what: str) -> dict:
+  """:func:`lns_jax.binary.from_baseline` (``start``'s leaves copied into ``variables``, a
+  fresh init of the stage's model; only f_theta may be new), a mismatch raised as
+  :class:`CheckpointMismatchError`."""
+  try:
+    return binary.from_baseline(variables, start, what)
+  except ValueError as e:
+    raise CheckpointMismatchError(str(e)) from None

@@ -58,9 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"          # the network's compute dtype: 'float32' | 'bfloat16' (lns_jax.models.DTYPES)
 
   c.mapping = ml_collections.ConfigDict()
-  c.mapping.output = "raw"           # DESIGN decision 1
+  c.mapping.output = "raw"           # DECISIONS.md 1b
   c.mapping.init = "random"          # 'random' (paper) | 'sign': q_hat starts at sign(W) (lns_jax.mapping)
-  c.mapping.ste = "clip_grad"        # how sign(q_hat) passes gradients (DESIGN decision 1)
+  c.mapping.ste = "clip_grad"        # how sign(q_hat) passes gradients (DECISIONS.md 1)
   c.mapping.clip = 1.0               # 'clip_grad': bound on the gradient's value; 'window': |q_hat| <= clip
   c.mapping.shard = True             # several devices: each maps 1/N of every layer's filters
   c.mapping.conv = "auto"            # f_theta's convs: 'xla' | 'winograd' | 'auto' (DECISIONS 15)
@@ -82,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   # override may give either: --config.rho=0.01 or --config.rho='(0.01,0.002)'.
   c.rho = ml_collections.FieldReference(0.005, field_type=object)
   c.reduction = "mean"               # 'mean' (Eq. 16) or 'sum' (Eq. 17)
-  c.labels = "current"               # DESIGN decision 3
+  c.labels = "current"               # DECISIONS.md 3
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1

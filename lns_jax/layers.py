@@ -22,7 +22,12 @@ PaddingLike = Union[str, Sequence[Tuple[int, int]]]
 
 
 def conv2d(x: Array, w: Array, strides=(1, 1), padding: PaddingLike = "SAME") -> Array:
-  """NHWC x HWIO convolution (the binary conv of Eq. 2 on +-1 operands)."""
+  """NHWC x HWIO convolution (the binary conv of Eq. 2 on +-1 operands).
+
+  ``x``: ``(n, h, w, c)``, ``w``: ``(kh, kw, c, features)``, one floating dtype (integer
+  operands are cast to float32); ``padding``: ``'SAME'``, ``'VALID'`` or per-axis pairs.
+  """
+  x, w = quantizers.as_floating(x, "conv2d: x"), quantizers.as_floating(w, "conv2d: w")
   if not isinstance(padding, str):
     padding = tuple(tuple(p) for p in padding)
   return lax.conv_general_dilated(x, w, window_strides=tuple(strides), padding=padding,
@@ -30,18 +35,36 @@ def conv2d(x: Array, w: Array, strides=(1, 1), padding: PaddingLike = "SAME") ->
 
 
 class BinaryConv(nn.Module):
-  """Convolution with binarized inputs and weights.
+  """Convolution with binarized inputs and weights (Eq. 2-4), NHWC in, NHWC out.
 
-  Weight binarizers (DESIGN decisions 1-2):
+  Call: ``y = BinaryConv(features, weight_binarizer=...)(x, train)``; the kernel is HWIO
+  (``params/kernel``, float32).
+
+  Weight binarizers (DECISIONS.md 1, 2):
     ``'float'``: the latent kernel as it is (full-precision reference);
     ``'sign'``: ``ste_sign(W) * s`` (baseline, Eq. 1-3);
     ``'lns'``: ``sign(q_hat) * s`` with ``q_hat = f_theta(W)`` (Eq. 4), its own
-      ``MappingNet``; ``(q_hat, q_tilde = sign(W))`` is sown into the ``'lns'``
-      collection under ``'pairs'`` so the trainer computes Eq. 15-21 without mapping
-      again. ``q_tilde`` is under ``stop_gradient`` (Eq. 1: labels, not a path).
-      ``mapping_ste`` is how ``sign(q_hat)`` passes the gradient
-      (:func:`lns_jax.quantizers.mapping_sign`; DESIGN decision 1, DECISIONS 1);
-      ``mapping_conv`` how f_theta's convs run (``config.mapping.conv``, DECISIONS 15).
+      ``MappingNet`` (``params/mapping``, ``batch_stats/mapping``); ``(q_hat, q_tilde =
+      sign(W))`` is sown into the ``'lns'`` collection (``LNS_COLLECTION``) under
+      ``'pairs'``, for Eq. 15-21 without mapping again: :func:`lns_jax.collect_pairs`
+      turns it into the objective's input. ``q_tilde`` is under ``stop_gradient`` (Eq. 1:
+      labels, not a path). ``mapping_ste`` is how ``sign(q_hat)`` passes the gradient
+      (:func:`lns_jax.quantizers.mapping_sign`, DECISIONS.md 1); ``mapping_conv`` how
+      f_theta's convs run (``config.mapping.conv``, DECISIONS.md 15).
+  Input binarizers (``input_binarizer``): ``'ste_sign'`` (clipped STE, clip 1),
+  ``'approx_sign'`` (Bi-Real), ``'none'`` (real-valued inputs). Pitfall: ``sign(0) = +1``,
+  so a ReLU right before a binarizing BinaryConv makes every input sign +1 (a constant
+  layer); put the BatchNorm and non-linearity after it, as the ``models`` do.
+
+  ``train``: only an ``'lns'`` layer uses it: ``train=True`` moves f_theta's running
+  BatchNorm averages (``'batch_stats'`` must then be mutable; they never enter
+  ``q_hat``, which is normalised with its filters' own statistics, DECISIONS.md 8).
+  Collections to make mutable in ``apply``: ``'batch_stats'`` (train mode) and ``'lns'``
+  (to get the pairs; without it nothing is sown and Eq. 21 has no auxiliary term, which
+  :func:`lns_jax.lns_objective` refuses for ``alpha > 0``). A layer applied twice sows
+  two equal pairs; :func:`lns_jax.collect_pairs` keeps one. ``clip`` and
+  ``mapping_clip`` are static; gradients are reverse mode only (straight-through rules).
+
   The scale ``s`` (``weight_scale``) is computed from the latent ``W`` under
   ``stop_gradient``, as DoReFa does, so gradients to ``W`` are exactly the STE's.
   ``conv`` (``config.model.conv``): ``'xla'`` is XLA's float conv of the ±1 values,
@@ -122,8 +145,11 @@ def binary_weights(kernel: Array, weight_binarizer: str, mapping_variables=None,
 
   ``sign(q_hat)`` for ``'lns'`` (the paper keeps only these; the mapping normalises with
   its filters' statistics, so these are the train step's signs bit for bit),
-  ``sign(W)`` for ``'sign'``, the kernel itself for ``'float'``.
+  ``sign(W)`` for ``'sign'``, the kernel itself for ``'float'``. ``mapping_variables``:
+  the layer's ``{'params': ..., 'batch_stats': ...}`` ``'mapping'`` subtrees (``'lns'``
+  only); the ``mapping_*`` arguments must be the layer's. An integer kernel: float32.
   """
+  kernel = quantizers.as_floating(kernel, "binary_weights: kernel")
   if weight_binarizer == "float":
     return kernel
   scale = quantizers.weight_scale(kernel, weight_scale)

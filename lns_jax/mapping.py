@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lns_jax.quantizers import as_floating
+
 Array = jax.Array
 
 MAPPING_OUTPUTS = ("raw", "tanh")
@@ -145,9 +147,15 @@ class FilterNorm(nn.Module):
 class MappingNet(nn.Module):
   """``f_theta`` of Eq. 4: maps a latent kernel to ``q_hat`` of the same shape.
 
+  Called on a ``(k, k, c, n)`` HWIO kernel (an integer kernel is computed in float32);
+  ``q_hat`` has the kernel's shape and floating dtype. Variables: ``params`` and
+  ``batch_stats`` (the running averages, moved only with ``train=True`` and
+  ``'batch_stats'`` mutable; they never enter ``q_hat``: DECISIONS.md 8).
+
   Attributes:
-    output: ``'raw'`` (DESIGN decision 1: the last conv's output is ``q_hat``) or
+    output: ``'raw'`` (DECISIONS.md 1b: the last conv's output is ``q_hat``) or
       ``'tanh'`` (squashed to (-1, 1)).
+    start: ``'random'`` (the paper's Sec. 4.1) or ``'sign'`` (DECISIONS.md 1c).
     bn_momentum: momentum of the running BatchNorm statistics.
   """
   output: str = "raw"
@@ -168,6 +176,7 @@ class MappingNet(nn.Module):
     """``q_hat``; with ``start='sign'`` it is ``W / mean|W| + net(W)`` whose last conv
     starts at zero, so ``sign(q_hat) = sign(W)`` before training (an option of ours, not
     the paper's Sec. 4.1 network; it spares warmup from undoing a random start)."""
+    kernel = as_floating(kernel, "MappingNet: kernel")
     if kernel.ndim != 4:
       raise ValueError(f"MappingNet expects a (k, k, c, n) kernel, got shape {kernel.shape}.")
     if self.output not in MAPPING_OUTPUTS:
@@ -202,17 +211,24 @@ class MappingNet(nn.Module):
 
 def init_mapping(rng: Array, kernel_shape: Tuple[int, ...], output: str = "raw",
                  init: str = "random"):
-  """Variables ``{'params', 'batch_stats'}`` of a MappingNet for ``kernel_shape``."""
+  """Variables ``{'params', 'batch_stats'}`` of a MappingNet for ``kernel_shape``.
+
+  ``kernel_shape``: ``(k, k, c, n)``; theta depends on ``c`` only (one f_theta maps
+  every filter). ``output`` and ``init``: :class:`MappingNet`'s ``output`` and ``start``;
+  pass the same to :func:`map_weights`.
+  """
   return MappingNet(output=output, start=init).init(rng, jnp.zeros(kernel_shape), train=False)
 
 
 def map_weights(variables, kernel: Array, train: bool = False, output: str = "raw",
                 init: str = "random", conv: str = "xla"):
-  """Pure-function form of ``f_theta`` (Eq. 4).
+  """Pure-function form of ``f_theta`` (Eq. 4): ``q_hat`` of ``kernel`` (``(k, k, c, n)``).
 
-  BatchNorm always uses the statistics of the layer's filters, so ``q_hat`` is the
-  same in both modes; ``train=True`` also returns the updated running averages:
-  ``(q_hat, new_batch_stats)``. ``conv``: ``config.mapping.conv``.
+  ``variables``: :func:`init_mapping`'s, or a BinaryConv's ``'mapping'`` subtree of
+  ``params`` and ``batch_stats``. BatchNorm always uses the statistics of the layer's
+  filters, so ``q_hat`` is the same in both modes; ``train=True`` also returns the
+  updated running averages: ``(q_hat, new_batch_stats)``. ``conv``:
+  ``config.mapping.conv``. An integer kernel is computed in float32.
   """
   net = MappingNet(output=output, start=init, conv_impl=conv)
   if train:

@@ -36,7 +36,7 @@ def flip_rates(prev, now, init) -> Tuple[float, float]:
   """Share of binary weights whose sign changed since ``prev`` and since ``init``.
 
   Host trees of int8 signs (:func:`lns_jax.binary.effective_signs`), one leaf per
-  binary layer; DESIGN decision 5.
+  binary layer; DECISIONS.md 5.
   """
   leaves_now = jax.tree.leaves(now)
   total = sum(x.size for x in leaves_now)

@@ -1,8 +1,9 @@
-"""A stage's learning-rate schedule and optimizer (DESIGN decision 9).
+"""A stage's learning-rate schedule and optimizer (DECISIONS.md 9), and the warm start's.
 
 ``config.optimizer`` is every stage's default, ``config.<stage>.optimizer`` overrides it.
 What trains comes from the stage table (:mod:`lns_jax.stages`): in a stage that trains
-only f_theta every other parameter gets a zero update.
+only f_theta every other parameter gets a zero update (:func:`train_mapping_only`,
+exported as ``lns_jax.train_mapping_only``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import optax
 from flax import traverse_util
 
 from lns_jax import stages as stages_lib
+from lns_jax.binary import is_mapping
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("piecewise", "cosine", "constant")
@@ -28,6 +30,23 @@ def learning_rate_schedule(stage_cfg, steps_per_epoch: int) -> optax.Schedule:
   return optax.piecewise_constant_schedule(stage_cfg.lr, boundaries)
 
 
+def train_mapping_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """The warm start's optimizer (DECISIONS.md 4): ``tx`` on the mapping networks f_theta
+  (every parameter under a ``'mapping'`` module: a BinaryConv's), a zero update
+  (``optax.set_to_zero``, no optimizer state) for every other parameter.
+
+  ``optax.multi_transform`` labels the params tree at ``init`` and each ``update``, so
+  the result works with any model's params. Weight decay inside ``tx`` reaches f_theta
+  only. Pair it with :func:`lns_jax.keep_network_stats`, which keeps the network's
+  BatchNorm running averages; a model with no LNS layer trains nothing.
+  """
+  def label(params):
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {k: "train" if is_mapping(k) else "frozen" for k in flat})
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, label)
+
+
 def make_optimizer(config, stage: str, schedule) -> optax.GradientTransformation:
   """The stage's optimizer: ``config.<stage>.optimizer``, or ``config.optimizer`` if empty."""
   name = config[stage].optimizer or config.optimizer
@@ -36,11 +55,6 @@ def make_optimizer(config, stage: str, schedule) -> optax.GradientTransformation
   else:
     opt = optax.chain(optax.add_decayed_weights(config.weight_decay),
                       optax.sgd(schedule, momentum=config.momentum or None))
-  table = stages_lib.get(stage)
-  if table.trains_only_mapping:
-    def label(params):
-      flat = traverse_util.flatten_dict(params)
-      return traverse_util.unflatten_dict(
-          {k: "train" if table.trainable(k) else "frozen" for k in flat})
-    opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, label)
+  if stages_lib.get(stage).trains_only_mapping:
+    opt = train_mapping_only(opt)
   return opt

@@ -11,7 +11,7 @@ since the last record: ``ce``, ``aux_total``, ``loss``, ``top1``, ``top5``, ``lr
 ``input_wait_frac``.
 
 ``kind='epoch'`` (each epoch end): ``flip_rate_epoch``, ``flip_rate_init`` (Fig. 3c,
-DESIGN decision 5) and, on evaluation epochs, ``test_ce``, ``test_top1``, ``test_top5``,
+DECISIONS.md 5) and, on evaluation epochs, ``test_ce``, ``test_top1``, ``test_top5``,
 ``test_count`` (and ``val_*`` with a validation split).
 
 :func:`train_record` and :func:`epoch_record` write them, :func:`read_metrics` and

@@ -2,23 +2,24 @@
 
   name      weights  objective            trains        network BatchNorm statistics
   pretrain  sign     cross-entropy        everything    move
-  warmup    lns      Eq. 21 (CE + alpha)  f_theta only  frozen (DESIGN decision 4)
+  warmup    lns      Eq. 21 (CE + alpha)  f_theta only  frozen (DECISIONS.md 4)
   lns       lns      Eq. 21 (Alg. 1)      everything    move
   finetune  sign     cross-entropy        everything    move
 
 ``weights`` is the binarizer of every binary conv (``lns_jax.layers``). A stage that
-trains only f_theta gives every other parameter a zero update (``optax.set_to_zero``)
-and keeps the network's BatchNorm running averages (it still normalises with batch
+trains only f_theta gives every other parameter a zero update
+(:func:`lns_jax.optim.train_mapping_only`) and keeps the network's BatchNorm running
+averages (:func:`lns_jax.binary.keep_network_stats`; it still normalises with batch
 statistics, as in training); the mapping networks' own BatchNorm always moves.
 ``flips_from_latent``: the stage starts a fresh mapping on a trained network, so its
-flip rates (Fig. 3c, DESIGN decision 5) count from the baseline's ``sign(W)`` rather
+flip rates (Fig. 3c, DECISIONS.md 5) count from the baseline's ``sign(W)`` rather
 than from the signs of the freshly initialised f_theta.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable
+from typing import Dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,16 +30,6 @@ class Stage:
   trains_only_mapping: bool  # only f_theta (and its BatchNorm) trains
   network_bn_moves: bool     # the network's BatchNorm running statistics are updated
   flips_from_latent: bool    # flip rates start from sign(W) of the starting weights
-
-  def trainable(self, key: Iterable[str]) -> bool:
-    """Whether the parameter at flattened ``key`` gets updates in this stage."""
-    from lns_jax.binary import is_mapping
-    return not self.trains_only_mapping or is_mapping(key)
-
-  def bn_moves(self, key: Iterable[str]) -> bool:
-    """Whether the BatchNorm statistic at flattened ``key`` is updated in this stage."""
-    from lns_jax.binary import is_mapping
-    return self.network_bn_moves or is_mapping(key)
 
 
 TABLE = (

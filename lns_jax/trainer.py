@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax import traverse_util
 
 from lns_jax import binary
 from lns_jax import checkpoint as ckpt_lib
@@ -52,7 +51,7 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-  # Flip rates (DESIGN decision 5): effective binary signs at the previous epoch end
+  # Flip rates (DECISIONS.md 5): effective binary signs at the previous epoch end
   # and of the network the stage started from; int8, one entry per binary layer.
   signs_prev: Any
   signs_init: Any
@@ -71,11 +70,9 @@ def create_train_state(config, stage: str, model, tx: optax.GradientTransformati
   jits it once (``parallel.compiler_options(fast=True)``).
   """
   variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-  params, bstats = variables["params"], variables.get("batch_stats", {})
   if start is not None:
-    params = ckpt_lib.merge_variables(params, start["params"], "starting weights")
-    bstats = ckpt_lib.merge_variables(bstats, start["batch_stats"],
-                                      "starting BatchNorm statistics")
+    variables = ckpt_lib.from_start(variables, start, "starting variables")
+  params, bstats = variables["params"], variables.get("batch_stats", {})
   signs = binary.effective_signs(layers, params, bstats, config.mapping.output,
                                  config.mapping.init, config.mapping.conv)
   if start is not None and stages_lib.get(stage).flips_from_latent:
@@ -122,7 +119,7 @@ def make_train_step(model, tx, config, stage: str, layers, schedule):
     logits, updates = model.apply(variables, batch["image"], train=True,
                                   mutable=["batch_stats", LNS_COLLECTION])
     logits = logits.astype(jnp.float32)  # config.model.dtype: the loss is float32
-    pairs = binary.lns_pairs(updates, state.labels) if table.noisy_supervision else {}
+    pairs = binary.collect_pairs(updates, state.labels) if table.noisy_supervision else {}
     total, aux = loss_lib.lns_objective(logits, batch["label"], pairs, alpha, rho,
                                         config.reduction, batch["mask"])
     aux["dead"] = metrics_lib.dead_fractions(config, layers, params, pairs)
@@ -135,10 +132,7 @@ def make_train_step(model, tx, config, stage: str, layers, schedule):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if not table.network_bn_moves:  # keep the frozen network's running statistics
-      flat_new = traverse_util.flatten_dict(new_bs)
-      flat_old = traverse_util.flatten_dict(state.batch_stats)
-      new_bs = traverse_util.unflatten_dict(
-          {k: flat_new[k] if table.bn_moves(k) else flat_old[k] for k in flat_old})
+      new_bs = binary.keep_network_stats(state.batch_stats, new_bs)
     # A step is good when its loss, gradients and the parameters it produces are finite;
     # a bad step is not applied, so the state (and every checkpoint) stays good.
     ok = (jnp.isfinite(total) & jnp.isfinite(optax.global_norm(grads))
@@ -428,8 +422,7 @@ def _prepare(config, workdir: str, first_stage: str):
     # Fail on a mismatch now, before any stage writes anything.
     probe = models.from_config(config, first_stage, info.num_classes)
     shapes = binary.abstract_variables(probe, info.image_shape)
-    ckpt_lib.merge_variables(shapes["params"], start["params"],
-                             f"config.init_from={config.init_from!r}")
+    ckpt_lib.from_start(shapes, start, f"config.init_from={config.init_from!r}")
   if parallel.is_main_process():
     with open(workdir_lib.path(workdir, workdir_lib.CONFIG), "w") as f:
       f.write(config.to_json_best_effort(indent=2))

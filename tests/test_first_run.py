@@ -42,15 +42,47 @@ def test_readme_opens_with_the_two_commands():
   assert lines[1] == ".venv/bin/python -m pytest -q"
 
 
-def test_readme_python_block_runs_as_typed():
-  """The README's one Python block ("The method as pure functions") runs as written."""
+def _python_blocks():
+  """``{section heading: its Python block}`` of the README, in order."""
   readme = open(os.path.join(ROOT, "README.md")).read()
-  blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-  assert len(blocks) == 1, len(blocks)
+  blocks = {}
+  for section in re.split(r"^## ", readme, flags=re.M)[1:]:
+    for block in re.findall(r"```python\n(.*?)```", section, re.S):
+      blocks.setdefault(section.splitlines()[0], block)
+  return blocks
+
+
+def _run_block(heading):
   scope = {}
-  exec(compile(blocks[0], "README.md", "exec"), scope)  # noqa: S102
+  exec(compile(_python_blocks()[heading], f"README.md ({heading})", "exec"), scope)  # noqa: S102
+  return scope
+
+
+def test_readme_has_a_python_block_per_section_and_each_is_tested():
+  assert list(_python_blocks()) == ["The method as pure functions", "LNS in your own model"]
+
+
+def test_readme_python_block_runs_as_typed():
+  """The README's Python block of "The method as pure functions" runs as written."""
+  scope = _run_block("The method as pure functions")
   assert scope["q_hat"].shape == scope["w"].shape and scope["g"].shape == scope["w"].shape
   assert scope["y"].shape == (8, 16, 16, 32) and "lns" in scope["coll"]
+
+
+def test_readme_own_model_block_runs_as_typed():
+  """"LNS in your own model": the warm start then LNS, in the user's own jitted step."""
+  import jax
+  import numpy as np
+  from flax import traverse_util
+  scope = _run_block("LNS in your own model")
+  assert np.isfinite(float(scope["loss"]))
+  start = traverse_util.flatten_dict(scope["variables"]["params"])
+  end = traverse_util.flatten_dict(jax.device_get(scope["params"]))
+  assert start.keys() == end.keys() and any("mapping" in k for k in end)
+  base = traverse_util.flatten_dict(scope["baseline"]["params"])
+  for k, v in base.items():  # started from the baseline, then trained by the LNS steps
+    np.testing.assert_array_equal(start[k], v)
+    assert not np.array_equal(end[k], v), k
 
 
 def _apt_part(command):

@@ -17,10 +17,12 @@ other module, so it is part of the graph. How a statement becomes edges:
 The floors, lowest first (each module imports only from the floors below it):
 
 1. ``errors`` (:class:`ConfigError`), ``supervisor`` (the standard library only),
-   ``quantizers``, ``mapping``, ``loss``, ``bitpack``, ``data.defaults``: no lns_jax
-   imports; ``parallel`` (the heartbeat setting from ``supervisor``);
+   ``quantizers``, ``bitpack``, ``data.defaults``: no lns_jax imports; ``mapping`` and
+   ``loss`` (the float cast from ``quantizers``); ``parallel`` (the heartbeat setting
+   from ``supervisor``);
 2. the method: ``xnor_conv`` -> ``layers`` -> ``binary`` -> ``stages`` -> ``optim``,
-   ``workdir``; ``metrics``; the package ``lns_jax`` (layers, loss, mapping, quantizers);
+   ``workdir``; ``metrics``; the package ``lns_jax`` (layers, loss, mapping, quantizers,
+   and the helpers for one's own model from binary and optim);
 3. the data: ``data.specs`` -> ``data.files`` -> ``data.build`` (TFDS, the quiet start-up)
    -> ``data.augment``, ``data.splits`` -> ``data.numpy_loader`` -> ``data.pipeline``
    -> the package ``lns_jax.data``;

@@ -329,11 +329,15 @@ def test_objective_is_ce_plus_alpha_sum_of_layers(mask, reduction):
   np.testing.assert_allclose(float(total), ce_ref + alpha * sum(layer_ref.values()), rtol=1e-5)
 
 
-def test_objective_without_layers_is_ce():
+def test_objective_without_layers_is_ce_at_alpha_zero_and_refused_above():
   logits, labels = _logits(seed=14)
-  total, aux = lns_objective(logits, labels, {}, 1.0, 0.005)
+  total, aux = lns_objective(logits, labels, {}, 0.0, 0.005)
   np.testing.assert_allclose(float(total), np_ce(logits, labels), rtol=1e-5)
   assert float(aux["aux_total"]) == 0.0 and aux["aux_layers"] == {}
+  # alpha > 0 without pairs: 'lns' was forgotten in mutable; a silent 0 would hide it.
+  with pytest.raises(ValueError, match=r"alpha=1.0 but no \(q_hat, q_tilde\) pairs: apply the "
+                                       r"model with 'lns' in mutable"):
+    _lns_objective_eager(logits, labels, {}, 1.0, 0.005)
 
 
 def test_objective_alpha_zero_is_ce_and_gradient_reaches_q_hat():

@@ -235,7 +235,7 @@ def test_binarize_weights_forward(scale):
 @pytest.mark.parametrize("scale", ["layer", "channel", "none"])
 @pytest.mark.parametrize("clip", [1.0, 0.5, None])
 def test_binarize_weights_gradient_is_the_ste_times_scale(scale, clip):
-  # DoReFa convention (DESIGN decision 2, as in BinaryConv): s is a constant in the
+  # DoReFa convention (DECISIONS.md 2, as in BinaryConv): s is a constant in the
   # backward pass, so dL/dW = dL/dWb * s * 1{|W| <= clip}.
   w = _kernel() * 0.8
   w.flat[2], w.flat[3] = 1.0, -0.5  # exactly on the clip boundaries

@@ -43,7 +43,7 @@ class BinaryNet(nn.Module):
     return functools.partial(BinaryConv, **kwargs)
 
   def fp_conv(self):
-    """Full-precision conv factory (stem and downsample shortcuts, DESIGN decision 6)."""
+    """Full-precision conv factory (stem and downsample shortcuts, DECISIONS.md 6)."""
     return functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=nn.initializers.kaiming_normal())
 

@@ -1,6 +1,6 @@
 """CIFAR-style binary ResNet-20 (He et al., 2016), the paper's DoReFa-style baseline.
 
-Full precision (DESIGN decision 6): the first conv, the downsample shortcuts and the
+Full precision (DECISIONS.md 6): the first conv, the downsample shortcuts and the
 last dense layer. Every other conv is a ``BinaryConv`` whose input is binarized with
 the clipped STE (decision 7). Blocks are the standard two-conv basic block; the
 residual stream stays real-valued.

@@ -1,7 +1,7 @@
 """ImageNet ResNet-18s: Bi-Real + PReLU (Table 3, 59.0%) and DoReFa (Table 4, 52.5%).
 
 Every binary conv has its own real-valued identity shortcut (Liu et al., 2018), its
-input is binarized with ApproxSign, and a PReLU follows its BatchNorm (DESIGN decision
+input is binarized with ApproxSign, and a PReLU follows its BatchNorm (DECISIONS.md
 7). Full precision: the 7x7 stem, the downsample shortcuts (2x2 average pool, 1x1 conv,
 BatchNorm, as in Bi-Real Net) and the classifier.
 """
