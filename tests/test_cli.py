@@ -144,7 +144,7 @@ def _bad_inputs(t):
       train("--config.model.name=resnet21", "config.model.name: 'resnet21' is not one of"),
       train("--config.optimizer=rmsprop", "config.optimizer: 'rmsprop' is not one of"),
       train("--config.data.name=imagenet", "config.data.name: 'imagenet' is not one of"),
-      train("--config.rho=(0.1,0.2,0.3)", "config.rho: rho must be a float or a pair"),
+      train("--config.rho=(0.1,0.2,0.3)", "config.rho: rho must be a number or a pair"),
       train("--config.rho=(0.01,", "config.rho: '(0.01,' must be a number"),
       train("--config.pretrain.decay_epochs=(2,1)", "config.pretrain.decay_epochs: (2, 1) must "
                                                     "be increasing"),
