@@ -49,9 +49,10 @@ from lns_jax import reporting
 BASELINE = "baseline"
 # Fields that make two baselines the same baseline (a reused DIR/baseline must match).
 BASELINE_FIELDS = ("seed", "model", "data", "batch_size", "optimizer", "momentum",
-                   "weight_decay", "pretrain")
+                   "weight_decay", "pretrain", "teacher", "step1", "distill")
 # Relative cost of an epoch, for the ETA: the mapping networks make LNS steps dearer.
-_COST = {"pretrain": 1.0, "finetune": 1.0, "warmup": 1.2, "lns": 1.2}
+_COST = {"pretrain": 1.0, "finetune": 1.0, "warmup": 1.2, "lns": 1.2, "teacher": 1.0,
+         "step1": 1.0}
 EXTRA_ROWS = ("alpha0_cewarm", "other_reduction")
 FAILED = "failed.json"
 
@@ -133,12 +134,19 @@ def select(runs: List[Run], variants: Sequence[str] = ()) -> List[Run]:
 
 def run_config(config, run: Run, baseline_final: str):
   """The config of one run: the ablation's config with its variant's fields."""
+  from lns_jax import config as config_lib
   c = copy.deepcopy(config)
   c.stages = run.stages
   c.seed = run.seed
   c.alpha = run.alpha
   c.rho = run.rho
   c.init_from = baseline_final
+  if config_lib.teacher_is_stage(c.distill.teacher):
+    # The baseline run trained the teacher (docs/reactnet.md): every variant distils from it.
+    stage_dir = os.path.normpath(baseline_final)
+    if os.path.basename(stage_dir) == "final":
+      stage_dir = os.path.dirname(stage_dir)
+    c.distill.teacher = os.path.join(os.path.dirname(stage_dir), c.distill.teacher)
   c.warmup.alpha = run.warmup_alpha
   c.lns.alpha = None  # the LNS stage's alpha is the run's: config.alpha
   if run.reduction:
@@ -175,8 +183,11 @@ def check_run_dir(config, workdir: str, stages: str) -> None:
 
 
 def baseline_config(config):
+  from lns_jax import config as config_lib
   c = copy.deepcopy(config)
-  c.stages = "pretrain"
+  # The stages up to the baseline: a teacher and ReActNet's step 1 where the config has them.
+  names = config_lib.stage_names(config)
+  c.stages = ",".join(names[:names.index("pretrain") + 1]) if "pretrain" in names else "pretrain"
   c.init_from = ""
   return c
 

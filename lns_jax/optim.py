@@ -13,12 +13,15 @@ from flax import traverse_util
 from lns_jax import stages as stages_lib
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("piecewise", "cosine", "constant")
+SCHEDULES = ("piecewise", "cosine", "constant", "linear")
 
 
 def learning_rate_schedule(stage_cfg, steps_per_epoch: int) -> optax.Schedule:
-  """The stage's schedule in steps: piecewise constant (paper), cosine or constant."""
+  """The stage's schedule in steps: piecewise constant (paper), cosine, constant, or
+  linear decay to 0 over the stage (ReActNet's, Liu et al. 2020, Sec. 4.1)."""
   total = max(1, int(round(stage_cfg.epochs * steps_per_epoch)))
+  if stage_cfg.schedule == "linear":
+    return optax.linear_schedule(stage_cfg.lr, 0.0, total)
   if stage_cfg.schedule == "cosine":
     return optax.cosine_decay_schedule(stage_cfg.lr, total)
   if stage_cfg.schedule == "constant":
@@ -28,13 +31,21 @@ def learning_rate_schedule(stage_cfg, steps_per_epoch: int) -> optax.Schedule:
   return optax.piecewise_constant_schedule(stage_cfg.lr, boundaries)
 
 
+def stage_weight_decay(config, stage: str) -> float:
+  """``config.<stage>.weight_decay``, else ``config.weight_decay`` (ReActNet: 1e-5 in its
+  step 1, 0 in step 2)."""
+  own = config[stage].get("weight_decay")
+  return float(config.weight_decay if own is None else own)
+
+
 def make_optimizer(config, stage: str, schedule) -> optax.GradientTransformation:
   """The stage's optimizer: ``config.<stage>.optimizer``, or ``config.optimizer`` if empty."""
   name = config[stage].optimizer or config.optimizer
+  wd = stage_weight_decay(config, stage)
   if name == "adam":
-    opt = optax.adamw(schedule, weight_decay=config.weight_decay)
+    opt = optax.adamw(schedule, weight_decay=wd)
   else:
-    opt = optax.chain(optax.add_decayed_weights(config.weight_decay),
+    opt = optax.chain(optax.add_decayed_weights(wd),
                       optax.sgd(schedule, momentum=config.momentum or None))
   table = stages_lib.get(stage)
   if table.trains_only_mapping:

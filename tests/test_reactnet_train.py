@@ -1,0 +1,62 @@
+"""The ReActNet stages end to end at smoke size (configs/fashion_mnist_reactnet.py:smoke).
+
+teacher (real-valued), step1 (binary activations, real weights), pretrain (step 2),
+warmup, lns: every stage after the teacher distils from it. The run is stopped in the
+middle of step 2 as a preemption would and resumed by the same call; its step 2 ends
+bit for bit where an uninterrupted run's does. The teacher is in no student checkpoint.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from lns_jax import checkpoint as ckpt_lib
+from lns_jax import reporting, trainer
+from lns_testutil import assert_same_variables, load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _config(stages="teacher,step1,pretrain,warmup,lns"):
+  c = load_config("fashion_mnist_reactnet.py", "smoke")
+  c.data.train_examples = 128  # 4 steps an epoch
+  c.data.eval_examples = 64
+  c.warmup.epochs = c.lns.epochs = 0.5
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 3
+  c.stages = stages
+  return c
+
+
+def test_two_step_training_distils_and_resumes_in_step_two(tmp_path):
+  run = str(tmp_path / "run")
+  out = trainer.train(_config(), run, stop_at=("pretrain", 2))
+  assert list(out) == ["teacher", "step1", "pretrain"] and out["pretrain"]["interrupted"]
+  out = trainer.train(_config(), run)  # the same call resumes step 2 at step 2
+  assert list(out) == ["teacher", "step1", "pretrain", "warmup", "lns"]
+  assert all(r["steps"] == (2 if s in ("warmup", "lns") else 4) for s, r in out.items())
+
+  train = [r for r in reporting.read_metrics(run) if r["kind"] == reporting.TRAIN]
+  for stage in ("teacher", "step1", "pretrain", "warmup", "lns"):
+    recs = [r for r in train if r["stage"] == stage]
+    assert recs and all(("kd" in r) == (stage != "teacher") for r in recs), stage
+    assert all(np.isfinite(r["kd"]) and r["kd"] >= 0 for r in recs if "kd" in r)
+
+  # Only the student is saved: the checkpoints hold the model's variables, no teacher's.
+  saved = ckpt_lib.load_variables(os.path.join(run, "pretrain", "final"))
+  teacher = ckpt_lib.load_variables(os.path.join(run, "teacher", "final"))
+  assert set(saved) == {"params", "batch_stats"}
+  flat = traverse_util.flatten_dict(saved["params"])
+  assert set(flat) == set(traverse_util.flatten_dict(teacher["params"]))  # same shape family
+
+  # An uninterrupted run of the same stages ends step 2 where the resumed one did.
+  ref = str(tmp_path / "ref")
+  trainer.train(_config("teacher,step1,pretrain"), ref)
+  assert_same_variables(ckpt_lib.load_variables(os.path.join(ref, "pretrain", "final")), saved)
+  # Step 1 started from a fresh init, not from the teacher: the teacher is standalone.
+  step1 = ckpt_lib.load_variables(os.path.join(ref, "step1", "final"))
+  assert not np.allclose(np.asarray(jax.tree.leaves(step1["params"])[0]),
+                         np.asarray(jax.tree.leaves(teacher["params"])[0]))
