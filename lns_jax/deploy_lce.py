@@ -64,6 +64,8 @@ FAMILIES = {
     "resnet18_dorefa": "resnet_dorefa", "resnet18_dorefa_tiny": "resnet_dorefa",
     "resnet18": "bireal", "resnet18_tiny": "bireal",
     "alexnet": "alexnet", "alexnet_tiny": "alexnet",
+    "reactnet18": "reactnet", "reactnet18_tiny": "reactnet", "reactnet20": "reactnet",
+    "reactnet_tiny": "reactnet",
 }
 # Activation binarizers whose inference forward is sign(x) with sign(0) = +1 (ApproxSign
 # differs from the clipped STE only in its gradient): larq's 'ste_sign' forward.
@@ -386,7 +388,16 @@ def _alexnet(b, x):
   return b.dense(x, "fc8")
 
 
+def _reactnet(b, x):
+  """lns_jax.models.reactnet.ReActNet: its builder is deploy_lce_reactnet.py, beside this."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import deploy_lce_reactnet  # pylint: disable=import-outside-toplevel
+  stem = lambda t, name: b.fp_conv(t, name, strides=2, padding=3)  # noqa: E731
+  return deploy_lce_reactnet.build(b, x, _same_avg_pool_2x2, stem)
+
+
 BUILDERS = {
+    "reactnet": _reactnet,
     "resnet_cifar": lambda b, x: _resnet_cifar(b, x, imagenet_stem=False),
     "resnet_dorefa": lambda b, x: _resnet_cifar(b, x, imagenet_stem=True),
     "bireal": _bireal,

@@ -45,7 +45,7 @@ BAD = [
     ("lns.epochs", -1, "lns.epochs"),
     ("lns.epochs", 0, "lns.epochs"),
     ("lns.lr", float("inf"), "lns.lr"),
-    ("lns.schedule", "linear", "lns.schedule"),
+    ("lns.schedule", "exponential", "lns.schedule"),
     ("pretrain.decay_epochs", (30, 10), "pretrain.decay_epochs"),
     ("pretrain.decay_epochs", (-1,), "pretrain.decay_epochs"),
     ("reduction", "none", "reduction"),

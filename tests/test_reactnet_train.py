@@ -4,6 +4,8 @@ teacher (real-valued), step1 (binary activations, real weights), pretrain (step 
 warmup, lns: every stage after the teacher distils from it. The run is stopped in the
 middle of step 2 as a preemption would and resumed by the same call; its step 2 ends
 bit for bit where an uninterrupted run's does. The teacher is in no student checkpoint.
+The trained LNS stage is exported: lns_jax.inference (float and packed convs) gives the
+training model's logits, and Larq Compute Engine's flatbuffer the same predictions.
 """
 
 import os
@@ -14,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from lns_jax import checkpoint as ckpt_lib
-from lns_jax import reporting, trainer
+from lns_jax import data, deploy, export, inference, models, reporting, trainer
 from lns_testutil import assert_same_variables, load_config
 
 pytestmark = pytest.mark.slow
@@ -31,11 +33,17 @@ def _config(stages="teacher,step1,pretrain,warmup,lns"):
   return c
 
 
-def test_two_step_training_distils_and_resumes_in_step_two(tmp_path):
-  run = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def reactnet_run(tmp_path_factory):
+  """The five stages, stopped at step 2 of step 2, then resumed to the end."""
+  run = str(tmp_path_factory.mktemp("reactnet") / "run")
   out = trainer.train(_config(), run, stop_at=("pretrain", 2))
   assert list(out) == ["teacher", "step1", "pretrain"] and out["pretrain"]["interrupted"]
-  out = trainer.train(_config(), run)  # the same call resumes step 2 at step 2
+  return run, trainer.train(_config(), run)  # the same call resumes step 2 at step 2
+
+
+def test_two_step_training_distils_and_resumes_in_step_two(reactnet_run, tmp_path):
+  run, out = reactnet_run
   assert list(out) == ["teacher", "step1", "pretrain", "warmup", "lns"]
   assert all(r["steps"] == (2 if s in ("warmup", "lns") else 4) for s, r in out.items())
 
@@ -60,3 +68,43 @@ def test_two_step_training_distils_and_resumes_in_step_two(tmp_path):
   step1 = ckpt_lib.load_variables(os.path.join(ref, "step1", "final"))
   assert not np.allclose(np.asarray(jax.tree.leaves(step1["params"])[0]),
                          np.asarray(jax.tree.leaves(teacher["params"])[0]))
+
+
+def _have_lce():
+  try:
+    deploy.lce_python()
+    return True
+  except deploy.DeployError:
+    return False
+
+
+def test_export_inference_and_lce_agree_with_the_trained_model(reactnet_run, tmp_path):
+  run, _ = reactnet_run
+  cfg = _config()
+  npz = str(tmp_path / "reactnet.npz")
+  export.export(run, npz)  # the last stage: lns
+  header, members = export.read_file(npz)
+  assert len(header["binary_layers"]) == 8
+  # RSign's thresholds and RPReLU's parameters travel as full-precision arrays.
+  assert sum(k.endswith("/rsign/beta") for k in members) == 6
+  assert sum(k.endswith("/rprelu/zeta") for k in members) == 6
+  info = data.get_info(cfg.data)
+  train_model = models.from_config(cfg, "lns", info.num_classes)
+  variables = ckpt_lib.load_variables(f"{run}/lns")
+  images = np.concatenate([b["image"] for b in data.eval_iterator(cfg.data, "test",
+                                                                  batch_size=cfg.batch_size)])
+  want = np.asarray(jax.jit(lambda v, x: train_model.apply(v, x, train=False))(variables, images))
+  model = inference.load(npz, config=cfg)
+  got = np.asarray(inference.predict(model, images))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  packed = np.asarray(inference.predict(model, images, use_packed=True))
+  np.testing.assert_allclose(packed, got, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(packed.argmax(-1), want.argmax(-1))
+  if not _have_lce():
+    pytest.skip(f"no deployment environment ({deploy.DEFAULT_PYTHON}); {deploy.CREATE}")
+  fb = str(tmp_path / "reactnet.tflite")
+  report = deploy.convert(npz, fb)
+  assert report["ops"]["LceBconv2d"] == 8, report["ops"]
+  lce, _ = deploy.run(fb, images)
+  np.testing.assert_array_equal(lce.argmax(-1), packed.argmax(-1))
+  np.testing.assert_allclose(lce, packed, rtol=0, atol=1e-4 + 1e-5 * np.abs(packed).max())
