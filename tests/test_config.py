@@ -12,7 +12,11 @@ CONFIGS = [("fashion_mnist_r20.py", ""), ("fashion_mnist_r20.py", "quick"),
            ("fashion_mnist_r20.py", "val"), ("fashion_mnist_r20.py", "val,sgd"),
            ("fashion_mnist_r20.py", "quick,val"), ("fashion_mnist_r20.py", "smoke,val,sgd"),
            ("fashion_mnist_r20.py", "paper"), ("fashion_mnist_r20.py", "paper,val"),
-           ("fashion_mnist_r20.py", "paper,quick"), ("fashion_mnist_r20.py", "paper,smoke,val")]
+           ("fashion_mnist_r20.py", "paper,quick"), ("fashion_mnist_r20.py", "paper,smoke,val"),
+           ("fashion_mnist_reactnet.py", ""), ("fashion_mnist_reactnet.py", "quick"),
+           ("fashion_mnist_reactnet.py", "smoke,val"), ("fashion_mnist_reactnet.py", "val,finetune"),
+           ("imagenet_reactnet.py", ""), ("imagenet_reactnet.py", "finetune"),
+           ("imagenet_reactnet.py", "teacher"), ("imagenet_reactnet.py", "smoke")]
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
