@@ -412,18 +412,18 @@ def run_ablation(config, workdir: str, seeds: int, alphas=(), rhos=(),
   def eta() -> str:
     left = sum(c for r, c in costs.items() if not _finished(r.workdir(root), r.stages))
     if not baseline and not _finished(base_dir, "pretrain"):
-      left += float(config.pretrain.epochs)
+      left += _baseline_epochs(bcfg)
     if done_cost <= 0:
       return "ETA after the first run"
     return f"ETA {_duration((time.time() - t0) / done_cost * left)}"
 
   if not baseline and not _finished(base_dir, "pretrain"):
-    log(f"[ablation] run 0/{len(todo)}: baseline (pretrain, {config.pretrain.epochs:g} epochs) "
+    log(f"[ablation] run 0/{len(todo)}: baseline ({bcfg.stages}, {_baseline_epochs(bcfg):g} epochs) "
         f"in {base_dir}; {eta()}")
     res = trainer.train(bcfg, base_dir, stop_at=_stop(stop_at, BASELINE, None))
     if any(r.get("interrupted") for r in res.values()):
       return {"interrupted": True, "run": BASELINE, "signal": _signal(res)}
-    done_cost += float(config.pretrain.epochs)
+    done_cost += _baseline_epochs(bcfg)
 
   stage_dir = os.path.normpath(baseline_final)
   if os.path.basename(stage_dir) == "final":
@@ -469,6 +469,11 @@ def _state(workdir: str, stages: str) -> str:
   return "started" if os.path.exists(workdir) else "to run"
 
 
+def _baseline_epochs(bcfg) -> float:
+  """The epochs of the baseline's stages (a teacher and ReActNet's step 1 included)."""
+  return sum(float(bcfg[s].epochs) for s in bcfg.stages.split(","))
+
+
 def _print_plan(config, root, todo, baseline, base_dir, log) -> dict:
   """``--dry_run``: one line per run and the epochs left; nothing is written."""
   rows = []
@@ -477,8 +482,9 @@ def _print_plan(config, root, todo, baseline, base_dir, log) -> dict:
                  else "missing", 0.0))
   else:
     state = _state(base_dir, "pretrain")
-    rows.append(("baseline", "-", f"pretrain, {config.pretrain.epochs:g} epochs", base_dir, state,
-                 0.0 if state == "done" else float(config.pretrain.epochs)))
+    bcfg = baseline_config(config)
+    rows.append(("baseline", "-", f"{bcfg.stages}, {_baseline_epochs(bcfg):g} epochs", base_dir,
+                 state, 0.0 if state == "done" else _baseline_epochs(bcfg)))
   for r in todo:
     wd = r.workdir(root)
     state = _state(wd, r.stages)
