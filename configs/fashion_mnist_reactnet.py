@@ -22,7 +22,7 @@ tests), ``val`` (the last 10,000 training images as a validation split), ``finet
 (plain fine-tuning after step 2 instead of warmup + lns).
 """
 
-from lns_jax.config import base_config, parse_args
+from lns_jax.config import base_config, parse_args, reactnet_recipe
 
 
 def get_config(arg: str = ""):
@@ -30,19 +30,10 @@ def get_config(arg: str = ""):
                     "configs/fashion_mnist_reactnet.py")
   if {"quick", "smoke"} <= args:
     raise ValueError("configs/fashion_mnist_reactnet.py: use one of 'quick' and 'smoke'.")
-  c = base_config()
+  c = reactnet_recipe(base_config(), "reactnet20", teacher="teacher")
   c.data.name = "fashion_mnist"
-  c.model.name = "reactnet20"
-  c.model.input_binarizer = "approx_sign"
-  c.model.weight_scale = "channel"
   c.batch_size = 64
-  c.optimizer = "adam"
-  c.weight_decay = 0.0
   c.stages = "teacher,step1,pretrain," + ("finetune" if "finetune" in args else "warmup,lns")
-  c.distill.teacher = "teacher"
-  c.distill.weight = 1.0
-  c.distill.temperature = 1.0
-  c.distill.cls_weight = 0.0
   # A real-valued network converges in a few epochs on Fashion-MNIST; the two binary
   # steps get ReActNet's equal halves (128 + 128 epochs on ImageNet).
   c.teacher.update(epochs=6, lr=2e-3, schedule="linear")

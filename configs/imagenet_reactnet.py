@@ -17,7 +17,8 @@ Args: ``teacher``, ``finetune``, ``smoke`` (tests: tiny models, 32x32 inputs).
 Data: TFDS imagenet2012 built from ILSVRC2012_img_{train,val}.tar in its manual dir.
 """
 
-from lns_jax.config import base_config, imagenet_recipe, parse_args, stage_config
+from lns_jax.config import (base_config, imagenet_recipe, parse_args, reactnet_recipe,
+                            stage_config)
 
 TEACHER_DIR = "workdirs/imagenet_resnet34/teacher"
 
@@ -32,12 +33,8 @@ def get_config(arg: str = ""):
     c.weight_decay = 1e-4
     c.teacher = stage_config(90, 0.1, decay_epochs=(30, 60))
   else:
-    c.model.name = "reactnet18_tiny" if smoke else "reactnet18"
-    c.model.input_binarizer = "approx_sign"
-    c.model.weight_scale = "channel"
+    reactnet_recipe(c, "reactnet18_tiny" if smoke else "reactnet18", teacher=TEACHER_DIR)
     c.batch_size = 512
-    c.optimizer = "adam"
-    c.weight_decay = 0.0
     c.stages = "step1,pretrain," + ("finetune" if "finetune" in args else "warmup,lns")
     c.step1 = stage_config(128, 2.5e-3, schedule="linear")
     c.step1.weight_decay = 1e-5
@@ -46,10 +43,6 @@ def get_config(arg: str = ""):
     c.warmup = stage_config(1, 2.5e-4, schedule="constant")
     c.lns = stage_config(48, 2.5e-4, schedule="linear")
     c.finetune = stage_config(48, 2.5e-4, schedule="linear")
-    c.distill.teacher = TEACHER_DIR
-    c.distill.weight = 1.0
-    c.distill.temperature = 1.0
-    c.distill.cls_weight = 0.0
   if smoke:
     c.batch_size = 8
     c.data.image_size = 32

@@ -145,6 +145,21 @@ def imagenet_recipe(c: ml_collections.ConfigDict, args: set) -> ml_collections.C
   return c
 
 
+def reactnet_recipe(c: ml_collections.ConfigDict, model: str,
+                    teacher: str) -> ml_collections.ConfigDict:
+  """ReActNet's binarization, optimizer and distillation (Liu et al., ECCV 2020, Sec. 4.1),
+  shared by its Fashion-MNIST and ImageNet configs: ApproxSign activations, per-channel
+  weight scale, Adam, and the distribution loss from ``teacher`` alone (weight 1, T = 1,
+  no cross-entropy). The stages' epochs and learning rates are each config's."""
+  c.model.name = model
+  c.model.input_binarizer = "approx_sign"
+  c.model.weight_scale = "channel"
+  c.optimizer = "adam"
+  c.weight_decay = 0.0
+  c.distill.update(teacher=teacher, weight=1.0, temperature=1.0, cls_weight=0.0)
+  return c
+
+
 def parse_args(arg: str, allowed, config_file: str) -> set:
   """Comma-separated config arguments (``--config=FILE:a,b``), checked against ``allowed``."""
   args = set(filter(None, (arg or "").split(",")))

@@ -276,21 +276,27 @@ def _scale_layer():
   import tf_keras as keras
 
   class _Scale(keras.layers.Layer):
-    """``x * s``: the binary layer's scale (a scalar or one per output channel)."""
+    """``x * s``: the binary layer's scale (a scalar or one per output channel); with
+    ``add``, ``x + s`` (ReActNet's per-channel shifts, deploy_lce_reactnet.py)."""
 
-    def __init__(self, scale, **kwargs):
+    def __init__(self, scale, add=False, **kwargs):
       super().__init__(**kwargs)
-      self.scale = np.asarray(scale, np.float32)
+      self.scale, self.add = np.asarray(scale, np.float32), add
 
     def call(self, x):
       import tensorflow as tf
-      return x * tf.constant(self.scale)
+      return x + tf.constant(self.scale) if self.add else x * tf.constant(self.scale)
 
   return _Scale
 
 
 def Scale(scale, name):  # pylint: disable=invalid-name
   return _scale_layer()(scale, name=name)
+
+
+def offset(x, values, name):
+  """``x + values`` (one per channel) as a layer: TFLite's ADD of a constant."""
+  return _scale_layer()(values, add=True, name=name)(x)
 
 
 def zero_pad(L, x, pad, kernel, strides, name):
@@ -393,7 +399,7 @@ def _reactnet(b, x):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import deploy_lce_reactnet  # pylint: disable=import-outside-toplevel
   stem = lambda t, name: b.fp_conv(t, name, strides=2, padding=3)  # noqa: E731
-  return deploy_lce_reactnet.build(b, x, _same_avg_pool_2x2, stem)
+  return deploy_lce_reactnet.build(b, x, _same_avg_pool_2x2, stem, offset)
 
 
 BUILDERS = {

@@ -15,48 +15,24 @@ concatenated after their shortcut additions.
 
 from __future__ import annotations
 
-import functools
 
-import numpy as np
-
-
-@functools.lru_cache(maxsize=None)
-def _offset_layer():
-  import tf_keras as keras
-
-  class _Offset(keras.layers.Layer):
-    """``x + c``, ``c`` one value per channel (RSign's ``-beta``, RPReLU's shifts)."""
-
-    def __init__(self, offset, **kwargs):
-      super().__init__(**kwargs)
-      self.offset = np.asarray(offset, np.float32)
-
-    def call(self, x):
-      import tensorflow as tf
-      return x + tf.constant(self.offset)
-
-  return _Offset
-
-
-def offset(x, values, name):
-  return _offset_layer()(values, name=name)(x)
-
-
-def rprelu(b, x, name):
-  """``prelu(x - gamma) + zeta`` (ReActNet Eq. 2)."""
+def rprelu(b, x, name, offset):
+  """``prelu(x - gamma) + zeta`` (ReActNet Eq. 2); ``offset(x, values, name)``: ``x + values``."""
   x = offset(x, -b.take(f"params/{name}/gamma"), name.replace("/", "_") + "_gamma")
   x = b.prelu(x, name)  # the PReLU slopes: params/<name>/slope
   return offset(x, b.take(f"params/{name}/zeta"), name.replace("/", "_") + "_zeta")
 
 
-def _unit_geometry(unit):
+def _strides(unit):
+  """2 for the first unit of every stage but the first (as the model), else 1."""
   i = int(unit.split("_")[0][len("stage"):])
   j, k = (int(p) for p in unit.split("_block")[1].split("_unit"))
   return 2 if i > 1 and j == 1 and k == 1 else 1
 
 
-def build(b, x, avg_pool_2x2, zero_pad_conv):
-  """The Keras graph of a ReActNet export; ``b``: deploy_lce's ``_Builder``."""
+def build(b, x, avg_pool_2x2, zero_pad_conv, offset):
+  """The Keras graph of a ReActNet export; ``b``: deploy_lce's ``_Builder``, the others its
+  helpers (the pooled shortcut, the 7x7 stem's padded conv, a per-channel ADD)."""
   L = b.keras.layers
   if b.members["params/conv_init/kernel"].shape[0] == 7:  # the ImageNet stem
     x = b.bn(zero_pad_conv(x, "conv_init"), "bn_init")
@@ -64,7 +40,7 @@ def build(b, x, avg_pool_2x2, zero_pad_conv):
   else:
     x = b.bn(b.fp_conv(x, "conv_init"), "bn_init")
   for unit in b.blocks(lambda n: "unit" in n):
-    strides = _unit_geometry(unit)
+    strides = _strides(unit)
     shifted = offset(x, -b.take(f"params/{unit}/rsign/beta"), f"{unit}_rsign")
     shortcut = avg_pool_2x2(L, x) if strides > 1 else x
     convs = ([("conv", "bn")] if f"binary/{unit}/conv/signs" in b.members
@@ -72,5 +48,5 @@ def build(b, x, avg_pool_2x2, zero_pad_conv):
     outs = [L.Add()([b.bn(b.binary_conv(shifted, f"{unit}/{c}", strides), f"{unit}/{n}"),
                      shortcut]) for c, n in convs]
     x = outs[0] if len(outs) == 1 else L.Concatenate()(outs)
-    x = rprelu(b, x, f"{unit}/rprelu")
+    x = rprelu(b, x, f"{unit}/rprelu", offset)
   return b.dense(L.GlobalAveragePooling2D()(x), "head")
