@@ -17,7 +17,7 @@ final checkpoint (read only: the workdir is never written) and writes one file w
   the training model computes them;
 * every full-precision variable of the inference model: the first conv, the
   downsample shortcuts, the classifier, BatchNorm scale/bias/mean/variance, PReLU
-  slopes;
+  slopes, ReActNet's RSign thresholds and RPReLU shifts and slopes;
 * a JSON header.
 
 File format (``EXPORT_FORMAT_VERSION = "1.1"``): an uncompressed NumPy ``.npz`` (a zip of
