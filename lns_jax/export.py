@@ -356,6 +356,10 @@ def export(workdir: str, out: str, stage: Optional[str] = None) -> dict:
   stage = stage or default_stage(workdir)
   if stage not in STAGES:
     raise ExportError(f"--stage={stage!r} is not a stage; use one of {sorted(STAGES)}.")
+  if STAGES[stage].activations != "binary":  # the inference model binarizes activations
+    raise ExportError(f"--stage={stage}: its activations are real-valued (a distillation "
+                      f"teacher, docs/reactnet.md), not a binary network; export a binary "
+                      f"stage (pretrain, lns, finetune, step1).")
   config, variables, meta, step_dir = load_stage(workdir, stage)
   header, members = export_arrays(config, variables, stage)
   result = None

@@ -89,6 +89,8 @@ def test_export_inference_and_lce_agree_with_the_trained_model(reactnet_run, tmp
   run, _ = reactnet_run
   cfg = _config()
   npz = str(tmp_path / "reactnet.npz")
+  with pytest.raises(export.ExportError, match="real-valued"):
+    export.export(run, npz, stage="teacher")
   export.export(run, npz)  # the last stage: lns
   header, members = export.read_file(npz)
   assert len(header["binary_layers"]) == 8
