@@ -18,6 +18,7 @@ import ml_collections
 from lns_jax.errors import ConfigError  # one floor down: models and data raise it too
 from lns_jax.stages import NAMES as STAGES  # what each stage is: lns_jax.stages
 from lns_jax.stages import STAGES as TABLE
+from lns_jax import stages as stages_lib
 
 # The allowed values of the method's fields are owned by the modules that implement them
 # (quantizers, mapping, loss, optim, models) and read from there in :func:`validate`.
@@ -30,13 +31,26 @@ def stage_config(epochs=1.0, lr=0.1, schedule="piecewise", decay_epochs=(), deca
   c.optimizer = optimizer           # '' = config.optimizer; 'sgd' | 'adam' for this stage only
   c.epochs = float(epochs)          # may be fractional (quick runs)
   c.lr = float(lr)
-  c.schedule = schedule             # 'piecewise' | 'cosine' | 'constant'
+  c.schedule = schedule             # 'piecewise' | 'cosine' | 'constant' | 'linear' (to 0)
   c.decay_epochs = tuple(decay_epochs)  # piecewise: multiply by decay_factor at these epochs
   c.decay_factor = float(decay_factor)
   # Eq. 21's alpha for this stage's objective; None = config.alpha. Only the stages whose
   # objective is Eq. 21 (warmup, lns) read it: the warm start has its own, so that an
   # alpha = 0 LNS stage can follow a warm start fitted to sign(W) (DECISIONS 17).
   c.alpha = ml_collections.FieldReference(None, field_type=float)
+  # This stage's weight decay; None = config.weight_decay (lns_jax.optim).
+  c.weight_decay = ml_collections.FieldReference(None, field_type=float)
+  return c
+
+
+def distill_config() -> ml_collections.ConfigDict:
+  """``config.distill``: the distribution loss of ReActNet (lns_jax.distill)."""
+  c = ml_collections.ConfigDict()
+  c.teacher = ""          # '' = off; a stage of config.stages, or a checkpoint path
+  c.weight = 1.0          # multiplies l_kd
+  c.temperature = 1.0     # softmax temperature of both (l_kd is scaled by T^2)
+  c.cls_weight = 0.0      # multiplies l_cls where distilling (0: ReActNet, l_kd alone)
+  c.stages = ""           # '' = every stage after the teacher (all, for a path) but standalone ones
   return c
 
 
@@ -76,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.warmup = stage_config(5, 0.01, schedule="constant")
   c.lns = stage_config(120, 0.01, decay_epochs=(30, 60, 90))
   c.finetune = stage_config(120, 0.01, decay_epochs=(30, 60, 90))
+  c.teacher = stage_config(120, 0.1, decay_epochs=(60, 90))
+  c.step1 = stage_config(120, 0.1, decay_epochs=(60, 90))
+  c.distill = distill_config()
 
   c.alpha = 1.0                      # Eq. 21
   # A number, or a pair (rho_pos, rho_neg), Eq. 8-9. Typed `object` so that a command-line
@@ -129,6 +146,21 @@ def imagenet_recipe(c: ml_collections.ConfigDict, args: set) -> ml_collections.C
       c[stage] = stage_config(1, c[stage].lr, c[stage].schedule)
     c.log_every_steps = 1
     c.checkpoint_every_steps = 2
+  return c
+
+
+def reactnet_recipe(c: ml_collections.ConfigDict, model: str,
+                    teacher: str) -> ml_collections.ConfigDict:
+  """ReActNet's binarization, optimizer and distillation (Liu et al., ECCV 2020, Sec. 4.1),
+  shared by its Fashion-MNIST and ImageNet configs: ApproxSign activations, per-channel
+  weight scale, Adam, and the distribution loss from ``teacher`` alone (weight 1, T = 1,
+  no cross-entropy). The stages' epochs and learning rates are each config's."""
+  c.model.name = model
+  c.model.input_binarizer = "approx_sign"
+  c.model.weight_scale = "channel"
+  c.optimizer = "adam"
+  c.weight_decay = 0.0
+  c.distill.update(teacher=teacher, weight=1.0, temperature=1.0, cls_weight=0.0)
   return c
 
 
@@ -343,6 +375,8 @@ def _validate_optimization(config, stages) -> None:
     _check_choice(config, f"{s}.schedule", optim.SCHEDULES)
     _check_choice(config, f"{s}.optimizer", ("",) + optim.OPTIMIZERS)
     _check_number(config, f"{s}.decay_factor", low=0)
+    if config[s].get("weight_decay") is not None:
+      _check_number(config, f"{s}.weight_decay", low=0)
     decay = config[s].decay_epochs
     if not isinstance(decay, (tuple, list)) or not all(
         isinstance(e, numbers.Real) and not isinstance(e, bool) and e > 0 for e in decay):
@@ -377,6 +411,52 @@ def _validate_objective(config, stages) -> None:
   _check_choice(config, "reduction", tuple(r for r in loss.REDUCTIONS if r != "none"))
   _check_choice(config, "labels", LABELS)
   _check_choice(config, "on_nonfinite", ("stop", "skip"))
-  if TABLE[stages[0]].trains_only_mapping and not config.init_from:
-    _fail("init_from", f"the {stages[0]} stage needs a trained baseline: run 'pretrain' "
+  _validate_distill(config, stages)
+  first = (stages_lib.chained(stages) or stages)[0]
+  if TABLE[first].trains_only_mapping and not config.init_from:
+    _fail("init_from", f"the {first} stage needs a trained baseline: run 'pretrain' "
                        f"first or set config.init_from to a baseline checkpoint.")
+
+
+def teacher_is_stage(teacher: str) -> bool:
+  """Whether ``config.distill.teacher`` names a stage; a checkpoint path has a '/'."""
+  return bool(teacher) and "/" not in teacher
+
+
+def distilled_stages(config) -> list:
+  """The stages of ``config.stages`` that add the distribution loss (config.distill)."""
+  teacher = config.distill.teacher
+  if not teacher:
+    return []
+  stages = stage_names(config)
+  if config.distill.stages:
+    return [s.strip() for s in str(config.distill.stages).split(",") if s.strip()]
+  after = stages[stages.index(teacher) + 1:] if teacher in stages else stages
+  return stages_lib.chained(after)
+
+
+def _validate_distill(config, stages) -> None:
+  """The teacher's name and the loss weights; a checkpoint path is read (and checked)
+  by the trainer before any stage runs, as config.init_from is."""
+  d = config.distill
+  if not isinstance(d.teacher, str):
+    _fail("distill.teacher", f"{d.teacher!r} must be a stage name or a checkpoint path.")
+  _check_number(config, "distill.weight", low=0)
+  _check_number(config, "distill.temperature", low=0, low_open=True)
+  _check_number(config, "distill.cls_weight", low=0)
+  if not d.teacher:
+    return
+  if teacher_is_stage(d.teacher):
+    if d.teacher not in STAGES:
+      _fail("distill.teacher", f"{d.teacher!r} is neither a stage ({', '.join(STAGES)}) nor "
+                               f"a checkpoint path (a path has a '/': ./{d.teacher}).")
+    if d.teacher not in stages:
+      _fail("distill.teacher", f"stage {d.teacher!r} is not in config.stages "
+                               f"({config.stages!r}); add it before the stages it teaches, "
+                               f"or give its checkpoint path.")
+  for s in distilled_stages(config):
+    if s not in stages:
+      _fail("distill.stages", f"{s!r} is not in config.stages ({config.stages!r}).")
+    if teacher_is_stage(d.teacher) and stages.index(s) <= stages.index(d.teacher):
+      _fail("distill.stages", f"{s!r} runs before (or is) its teacher stage "
+                              f"{d.teacher!r}; the teacher must run first.")

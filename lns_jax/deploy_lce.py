@@ -64,6 +64,8 @@ FAMILIES = {
     "resnet18_dorefa": "resnet_dorefa", "resnet18_dorefa_tiny": "resnet_dorefa",
     "resnet18": "bireal", "resnet18_tiny": "bireal",
     "alexnet": "alexnet", "alexnet_tiny": "alexnet",
+    "reactnet18": "reactnet", "reactnet18_tiny": "reactnet", "reactnet20": "reactnet",
+    "reactnet_tiny": "reactnet",
 }
 # Activation binarizers whose inference forward is sign(x) with sign(0) = +1 (ApproxSign
 # differs from the clipped STE only in its gradient): larq's 'ste_sign' forward.
@@ -274,21 +276,27 @@ def _scale_layer():
   import tf_keras as keras
 
   class _Scale(keras.layers.Layer):
-    """``x * s``: the binary layer's scale (a scalar or one per output channel)."""
+    """``x * s``: the binary layer's scale (a scalar or one per output channel); with
+    ``add``, ``x + s`` (ReActNet's per-channel shifts, deploy_lce_reactnet.py)."""
 
-    def __init__(self, scale, **kwargs):
+    def __init__(self, scale, add=False, **kwargs):
       super().__init__(**kwargs)
-      self.scale = np.asarray(scale, np.float32)
+      self.scale, self.add = np.asarray(scale, np.float32), add
 
     def call(self, x):
       import tensorflow as tf
-      return x * tf.constant(self.scale)
+      return x + tf.constant(self.scale) if self.add else x * tf.constant(self.scale)
 
   return _Scale
 
 
 def Scale(scale, name):  # pylint: disable=invalid-name
   return _scale_layer()(scale, name=name)
+
+
+def offset(x, values, name):
+  """``x + values`` (one per channel) as a layer: TFLite's ADD of a constant."""
+  return _scale_layer()(values, add=True, name=name)(x)
 
 
 def zero_pad(L, x, pad, kernel, strides, name):
@@ -386,7 +394,16 @@ def _alexnet(b, x):
   return b.dense(x, "fc8")
 
 
+def _reactnet(b, x):
+  """lns_jax.models.reactnet.ReActNet: its builder is deploy_lce_reactnet.py, beside this."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import deploy_lce_reactnet  # pylint: disable=import-outside-toplevel
+  stem = lambda t, name: b.fp_conv(t, name, strides=2, padding=3)  # noqa: E731
+  return deploy_lce_reactnet.build(b, x, _same_avg_pool_2x2, stem, offset)
+
+
 BUILDERS = {
+    "reactnet": _reactnet,
     "resnet_cifar": lambda b, x: _resnet_cifar(b, x, imagenet_stem=False),
     "resnet_dorefa": lambda b, x: _resnet_cifar(b, x, imagenet_stem=True),
     "bireal": _bireal,

@@ -17,7 +17,7 @@ final checkpoint (read only: the workdir is never written) and writes one file w
   the training model computes them;
 * every full-precision variable of the inference model: the first conv, the
   downsample shortcuts, the classifier, BatchNorm scale/bias/mean/variance, PReLU
-  slopes;
+  slopes, ReActNet's RSign thresholds and RPReLU shifts and slopes;
 * a JSON header.
 
 File format (``EXPORT_FORMAT_VERSION = "1.1"``): an uncompressed NumPy ``.npz`` (a zip of
@@ -356,6 +356,10 @@ def export(workdir: str, out: str, stage: Optional[str] = None) -> dict:
   stage = stage or default_stage(workdir)
   if stage not in STAGES:
     raise ExportError(f"--stage={stage!r} is not a stage; use one of {sorted(STAGES)}.")
+  if STAGES[stage].activations != "binary":  # the inference model binarizes activations
+    raise ExportError(f"--stage={stage}: its activations are real-valued (a distillation "
+                      f"teacher, docs/reactnet.md), not a binary network; export a binary "
+                      f"stage (pretrain, lns, finetune, step1).")
   config, variables, meta, step_dir = load_stage(workdir, stage)
   header, members = export_arrays(config, variables, stage)
   result = None

@@ -74,6 +74,8 @@ def train_metrics(aux, logits, batch, total, lr, ok) -> dict:
   n = jnp.sum(batch["mask"])
   m = {"ce": aux["ce"], "aux_total": aux["aux_total"], "loss": total,
        "top1": top1 / n, "top5": top5 / n, "lr": lr, "nonfinite": (~ok).astype(jnp.float32)}
+  if "kd" in aux:  # a distilled stage's distribution loss (lns_jax.distill)
+    m["kd"] = aux["kd"]
   for name, value in aux["aux_layers"].items():
     m[f"aux/{name}"] = value
   counts = {name: n for name, (_, n) in aux["dead"].items()}

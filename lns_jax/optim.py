@@ -15,12 +15,15 @@ from lns_jax import stages as stages_lib
 from lns_jax.binary import is_mapping
 
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("piecewise", "cosine", "constant")
+SCHEDULES = ("piecewise", "cosine", "constant", "linear")
 
 
 def learning_rate_schedule(stage_cfg, steps_per_epoch: int) -> optax.Schedule:
-  """The stage's schedule in steps: piecewise constant (paper), cosine or constant."""
+  """The stage's schedule in steps: piecewise constant (paper), cosine, constant, or
+  linear decay to 0 over the stage (ReActNet's, Liu et al. 2020, Sec. 4.1)."""
   total = max(1, int(round(stage_cfg.epochs * steps_per_epoch)))
+  if stage_cfg.schedule == "linear":
+    return optax.linear_schedule(stage_cfg.lr, 0.0, total)
   if stage_cfg.schedule == "cosine":
     return optax.cosine_decay_schedule(stage_cfg.lr, total)
   if stage_cfg.schedule == "constant":
@@ -47,13 +50,21 @@ def train_mapping_only(tx: optax.GradientTransformation) -> optax.GradientTransf
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, label)
 
 
+def stage_weight_decay(config, stage: str) -> float:
+  """``config.<stage>.weight_decay``, else ``config.weight_decay`` (ReActNet: 1e-5 in its
+  step 1, 0 in step 2)."""
+  own = config[stage].get("weight_decay")
+  return float(config.weight_decay if own is None else own)
+
+
 def make_optimizer(config, stage: str, schedule) -> optax.GradientTransformation:
   """The stage's optimizer: ``config.<stage>.optimizer``, or ``config.optimizer`` if empty."""
   name = config[stage].optimizer or config.optimizer
+  wd = stage_weight_decay(config, stage)
   if name == "adam":
-    opt = optax.adamw(schedule, weight_decay=config.weight_decay)
+    opt = optax.adamw(schedule, weight_decay=wd)
   else:
-    opt = optax.chain(optax.add_decayed_weights(config.weight_decay),
+    opt = optax.chain(optax.add_decayed_weights(wd),
                       optax.sgd(schedule, momentum=config.momentum or None))
   if stages_lib.get(stage).trains_only_mapping:
     opt = train_mapping_only(opt)

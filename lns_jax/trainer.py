@@ -34,6 +34,7 @@ from lns_jax import binary
 from lns_jax import checkpoint as ckpt_lib
 from lns_jax import config as config_lib
 from lns_jax import data as data_lib
+from lns_jax import distill as distill_lib
 from lns_jax import loss as loss_lib
 from lns_jax import metrics as metrics_lib
 from lns_jax import models, optim, parallel, reporting
@@ -101,11 +102,13 @@ def _check_batch(batch) -> None:
   chex.assert_equal_shape_prefix([batch["image"], batch["label"], batch["mask"]], 1)
 
 
-def make_train_step(model, tx, config, stage: str, layers, schedule):
+def make_train_step(model, tx, config, stage: str, layers, schedule, teacher=None):
   """Alg. 1 as one jitted step: forward, Eq. 21, gradients to W and theta, update.
 
   ``stage``'s row of :mod:`lns_jax.stages` says whether the objective is Eq. 21 and
-  whether the network's BatchNorm statistics move.
+  whether the network's BatchNorm statistics move. With a ``teacher``
+  (:class:`lns_jax.distill.Teacher`) the step is ``step(state, batch, teacher_variables)``
+  and the distribution loss joins the objective.
   """
   table = stages_lib.get(stage)
   alpha = config_lib.stage_alpha(config, stage)
@@ -122,11 +125,15 @@ def make_train_step(model, tx, config, stage: str, layers, schedule):
     pairs = binary.collect_pairs(updates, state.labels) if table.noisy_supervision else {}
     total, aux = loss_lib.lns_objective(logits, batch["label"], pairs, alpha, rho,
                                         config.reduction, batch["mask"])
+    if teacher is not None:  # ReActNet's distribution loss (lns_jax.distill)
+      total, aux = teacher.objective(aux, alpha, logits, batch)
     aux["dead"] = metrics_lib.dead_fractions(config, layers, params, pairs)
     return total, (aux, logits, updates["batch_stats"])
 
-  def step_fn(state: TrainState, batch):
+  def step_fn(state: TrainState, batch, teacher_variables=None):
     _check_batch(batch)
+    if teacher is not None:  # eval mode, no gradient: an input of the objective
+      batch = dict(batch, teacher_logits=teacher.logits(teacher_variables, batch["image"]))
     (total, (aux, logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -228,9 +235,11 @@ class _StageRun:
       self.best_top1 = float(self.best.metrics(self.best.best_step())["top1"])
     replicated, opts = parallel.replicated(ctx.mesh), parallel.compiler_options()
     fast = parallel.compiler_options(fast=True)
-    self.train_step = parallel.jit_data_parallel(
-        make_train_step(self.model, self.tx, config, stage, self.layers, schedule), ctx.mesh,
-        compiler_options=opts)
+    teacher = distill_lib.teacher_for(config, ctx.workdir, stage, info.num_classes,
+                                      info.image_shape)
+    self.train_step = distill_lib.jit_train_step(
+        make_train_step(self.model, self.tx, config, stage, self.layers, schedule, teacher),
+        teacher, ctx.mesh, compiler_options=opts)
     self.eval_step = jax.jit(make_eval_step(self.model),
                              in_shardings=(replicated, parallel.batch_sharding(ctx.mesh)),
                              out_shardings=replicated, compiler_options=opts)
@@ -416,6 +425,7 @@ def _prepare(config, workdir: str, first_stage: str):
   parallel.main_process_first(data_lib.prepare, config.data)  # one build into a shared data_dir
   info = data_lib.get_info(config.data)
   models.check_input_shape(config, info.num_classes, info.image_shape)
+  distill_lib.check_teacher(config, info.num_classes, info.image_shape)
   start = None
   if config.init_from:
     start = ckpt_lib.load_variables(config.init_from)
@@ -442,20 +452,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   workdir_lib.check_writable(workdir)
   stages = config_lib.stage_names(config)
   with workdir_lib.lock(workdir), workdir_lib.Preemption() as preempt:
-    info, start = _prepare(config, workdir, stages[0])
+    info, start = _prepare(config, workdir, (stages_lib.chained(stages) or stages)[0])
     writer = reporting.Writer(workdir)
     results = {}
     try:
       for stage in stages:
         ctx = StageContext(config, workdir, stage, mesh, info, writer, preempt, stop_at=stop_at)
-        result = run_stage(ctx, start)
+        standalone = stages_lib.get(stage).standalone  # a teacher: fresh, starts nothing
+        result = run_stage(ctx, None if standalone else start)
         if result.get("interrupted"):
           if parallel.is_main_process():
             print(f"[{stage}] stopped at step {result['step']}; checkpoint saved. Resume with "
                   f"the same command:\n  {workdir_lib.resume_command(workdir)}", flush=True)
           return {**results, stage: result}
         results[stage] = result
-        start = ckpt_lib.load_variables(workdir_lib.path(workdir, stage, workdir_lib.FINAL))
+        if not standalone:
+          start = ckpt_lib.load_variables(workdir_lib.path(workdir, stage, workdir_lib.FINAL))
     finally:
       writer.close()
     reporting.write_summary(workdir, results)

@@ -149,6 +149,14 @@ def _bad_inputs(t):
       train("--config.pretrain.decay_epochs=(2,1)", "config.pretrain.decay_epochs: (2, 1) must "
                                                     "be increasing"),
       train("--config.stages=warmup,lns", "config.init_from: the warmup stage needs"),
+      # distillation (issue 32): an unknown teacher stage, one not run, a missing checkpoint
+      train("--config.distill.teacher=teachr", "config.distill.teacher: 'teachr' is neither "
+                                               "a stage"),
+      train("--config.distill.teacher=teacher", "config.distill.teacher: stage 'teacher' is "
+                                                "not in config.stages"),
+      train(f"--config.distill.teacher={t}/nothing", "config.distill.teacher: no checkpoint "
+                                                     "at"),
+      train(f"--config.distill.teacher={t}/other_model", "holds no lns-jax checkpoint"),
       # config files
       ("train.py", ["--config=configs/nope.py", w],
        ["--config=configs/nope.py: no such config file"]),

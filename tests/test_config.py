@@ -12,7 +12,11 @@ CONFIGS = [("fashion_mnist_r20.py", ""), ("fashion_mnist_r20.py", "quick"),
            ("fashion_mnist_r20.py", "val"), ("fashion_mnist_r20.py", "val,sgd"),
            ("fashion_mnist_r20.py", "quick,val"), ("fashion_mnist_r20.py", "smoke,val,sgd"),
            ("fashion_mnist_r20.py", "paper"), ("fashion_mnist_r20.py", "paper,val"),
-           ("fashion_mnist_r20.py", "paper,quick"), ("fashion_mnist_r20.py", "paper,smoke,val")]
+           ("fashion_mnist_r20.py", "paper,quick"), ("fashion_mnist_r20.py", "paper,smoke,val"),
+           ("fashion_mnist_reactnet.py", ""), ("fashion_mnist_reactnet.py", "quick"),
+           ("fashion_mnist_reactnet.py", "smoke,val"), ("fashion_mnist_reactnet.py", "val,finetune"),
+           ("imagenet_reactnet.py", ""), ("imagenet_reactnet.py", "finetune"),
+           ("imagenet_reactnet.py", "teacher"), ("imagenet_reactnet.py", "smoke")]
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
@@ -45,7 +49,7 @@ BAD = [
     ("lns.epochs", -1, "lns.epochs"),
     ("lns.epochs", 0, "lns.epochs"),
     ("lns.lr", float("inf"), "lns.lr"),
-    ("lns.schedule", "linear", "lns.schedule"),
+    ("lns.schedule", "exponential", "lns.schedule"),
     ("pretrain.decay_epochs", (30, 10), "pretrain.decay_epochs"),
     ("pretrain.decay_epochs", (-1,), "pretrain.decay_epochs"),
     ("reduction", "none", "reduction"),

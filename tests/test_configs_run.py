@@ -50,3 +50,34 @@ def test_imagenet_configs_train_under_mock_data(name, arg, tmp_path):
   summary = json.load(open(tmp_path / "run" / "summary.json"))
   last = list(results)[-1]
   assert summary["stages"][last]["test"]["count"] == 8
+
+
+def test_imagenet_reactnet_distils_from_a_resnet34_checkpoint_under_mock_data(tmp_path):
+  """configs/imagenet_reactnet.py at smoke size: ':teacher' trains the real-valued
+  ResNet-34 (tiny) one step; the ReActNet-18 (tiny) then trains step 2 one step,
+  distilling from it by checkpoint path (another model than the student's; step 1 is
+  the same step with real weights, trained in tests/test_reactnet_train.py)."""
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  for f in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
+    (manual / f).write_bytes(b"")
+
+  def config(arg):
+    c = load_config("imagenet_reactnet.py", arg)
+    c.data.data_dir = str(tmp_path / "tfds")
+    c.data.local_dir = str(manual)
+    for stage in ("teacher", "step1", "pretrain"):
+      c[stage].epochs = 0.5
+    return c
+
+  with tfds.testing.mock_data(num_examples=16):
+    teacher = trainer.train(config("teacher,smoke"), str(tmp_path / "resnet34"))
+    c = config("smoke")
+    assert c.model.name == "reactnet18_tiny" and c.distill.teacher
+    c.stages = "pretrain"
+    c.distill.teacher = str(tmp_path / "resnet34" / "teacher")
+    results = trainer.train(c, str(tmp_path / "run"))
+  assert list(teacher) == ["teacher"] and list(results) == ["pretrain"]
+  assert all(r["steps"] == 1 for r in results.values())
+  records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert all("kd" in r for r in records if r["kind"] == "train")

@@ -29,8 +29,8 @@ The floors, lowest first (each module imports only from the floors below it):
 4. ``models`` (``models.common`` -> the networks -> the package), ``checkpoint``,
    ``reporting`` -> ``plots``;
 5. ``config``: it reads the allowed values from the modules that implement them;
-6. the entry points: ``cli`` -> ``trainer``, ``summary``, ``ablation`` -> ``export`` ->
-   ``inference``.
+6. the entry points: ``cli``, ``distill`` (the teacher: config, checkpoint, models)
+   -> ``trainer``, ``summary``, ``ablation`` -> ``export`` -> ``inference``.
 """
 
 from __future__ import annotations

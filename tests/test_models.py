@@ -29,6 +29,8 @@ TINY = {
     "resnet_tiny": ((2, 32, 32, 3), 6, 0),
     "resnet18_tiny": ((2, 64, 64, 3), 8, 0),
     "alexnet_tiny": ((2, 64, 64, 3), 4, 2),  # fc6/fc7 are binary with 'sign' weights
+    # 2 + 3 + 3: each stage's doubling unit has two convs (ReActNet's downsampling).
+    "reactnet_tiny": ((2, 28, 28, 1), 8, 0),
 }
 NUM_CLASSES = 7
 
@@ -112,6 +114,7 @@ FORWARD_CASES = [
     ("alexnet_tiny", "float", (2, 64, 64, 3)),
     ("alexnet_tiny", "sign", (2, 64, 64, 3)),
     ("alexnet_tiny", "lns", (2, 64, 64, 3)),
+    ("reactnet_tiny", "sign", (2, 28, 28, 1)),
 ]
 
 
@@ -184,6 +187,8 @@ def test_lns_sows_one_pair_per_binary_conv(name):
                        "stage3_block1_unit1/downsample_conv": nn.Conv,
                        "stage4_block1_unit1/downsample_conv": nn.Conv, "head": nn.Dense}),
     ("alexnet_tiny", {"conv1": nn.Conv, "fc8": nn.Dense}),
+    # ReActNet: no real-valued downsample conv (pooled shortcut, concatenated convs).
+    ("reactnet_tiny", {"conv_init": nn.Conv, "head": nn.Dense}),
 ])
 @pytest.mark.parametrize("mode", ["sign", "lns"])
 def test_first_conv_downsample_and_head_are_full_precision(name, full_precision, mode):
@@ -203,6 +208,8 @@ def test_first_conv_downsample_and_head_are_full_precision(name, full_precision,
 
 @pytest.mark.parametrize("name,shape,n_pairs", [
     ("resnet20", (1, 32, 32, 3), 18),
+    ("reactnet20", (1, 28, 28, 1), 20),  # ResNet-20's 18 binary convs' weights, in 20 convs
+    ("reactnet18", (1, 224, 224, 3), 19),  # 16 units, 3 of them two convs
 ])
 def test_full_models_pair_count_by_eval_shape(name, shape, n_pairs):
   model = get_model(name, num_classes=10, weight_binarizer="lns")
@@ -213,7 +220,7 @@ def test_full_models_pair_count_by_eval_shape(name, shape, n_pairs):
   assert logits.shape == (1, 10)
   pairs = _pairs(state[LNS_COLLECTION])
   assert len(pairs) == n_pairs
-  if name == "resnet20":
+  if name in ("resnet20", "reactnet20"):
     widths = sorted({q.shape[-1] for q, _ in pairs.values()})
     assert widths == [16, 32, 64]
     assert all(q.shape[:2] == (3, 3) for q, _ in pairs.values())
@@ -221,7 +228,7 @@ def test_full_models_pair_count_by_eval_shape(name, shape, n_pairs):
 
 def test_get_model_registry():
   assert set(MODELS) >= {"resnet20", "resnet_tiny", "resnet18", "resnet18_tiny", "alexnet",
-                         "alexnet_tiny"}
+                         "alexnet_tiny", "reactnet18", "reactnet20", "resnet34"}
   m = get_model("resnet_tiny", num_classes=3, weight_binarizer="lns", weight_scale="channel")
   assert m.num_classes == 3 and m.weight_binarizer == "lns" and m.weight_scale == "channel"
   with pytest.raises(ValueError, match="nope"):

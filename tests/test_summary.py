@@ -179,3 +179,15 @@ def test_cli_json():
   assert d["total"]["memory_mbit"] == pytest.approx(t["memory_mbit"])
   assert d["total"]["flops"] == pytest.approx(t["flops"])
   assert len(d["layers"]) == len(_tiny_expected("layer"))
+
+
+def test_reactnet18_costs_by_hand():
+  """ReActNet on Bi-Real ResNet-18 (configs/imagenet_reactnet.py): the same binary convs
+  as Bi-Real's, its C -> 2C downsampling convs as two C -> C; no real-valued shortcut."""
+  t = summary.summarize(_config("imagenet_reactnet")).total()
+  assert t["binary_params"] == 10_985_472 and t["binary_macs"] == 1_676_279_808
+  # 32-bit numbers: stem 9408 + fc 513000 + BN 4 x 3904 channels + per-channel scales
+  #   3840 + RSign thresholds 3392 (the units' input channels) + RPReLU 3 x 3840.
+  assert t["real_params"] == 9408 + 513_000 + 4 * 3904 + 3840 + 3392 + 3 * 3840 == 556_776
+  assert t["memory_bits"] == 10_985_472 + 32 * 556_776  # 28.80 Mbit
+  assert t["real_macs"] == 118_013_952 + 512_000  # stem and classifier only

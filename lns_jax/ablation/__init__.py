@@ -49,7 +49,8 @@ The parts: :mod:`~lns_jax.ablation.plan` (the rows and their configs),
 """
 
 from lns_jax.ablation.plan import (BASELINE, BASELINE_FIELDS, EXTRA_ROWS, FAILED,
-                                   AblationError, Run, baseline_config, baseline_names,
+                                   AblationError, Run, baseline_config, baseline_epochs,
+                                   baseline_names,
                                    check_baseline_dir, check_run_dir, names, parse_floats,
                                    plan, run_config, select, with_baseline)
 from lns_jax.ablation.report import collect, run_record, table, train_ce_tail, write_report
@@ -58,7 +59,7 @@ from lns_jax.ablation.strength import run_strength
 
 __all__ = [
     "BASELINE", "BASELINE_FIELDS", "EXTRA_ROWS", "FAILED", "Ablation", "AblationError", "Run",
-    "baseline_config", "baseline_names", "check_baseline_dir", "check_run_dir", "collect",
+    "baseline_config", "baseline_names", "check_baseline_dir", "baseline_epochs", "check_run_dir", "collect",
     "names", "parse_floats", "plan", "run_ablation", "run_config", "run_record",
     "run_strength", "select", "table", "train_ce_tail", "with_baseline", "write_report",
 ]

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 BASELINE = "baseline"
 # Fields that make two baselines the same baseline (a reused DIR/baseline must match).
 BASELINE_FIELDS = ("seed", "model", "data", "batch_size", "optimizer", "momentum",
-                   "weight_decay", "pretrain")
+                   "weight_decay", "pretrain", "teacher", "step1", "distill")
 # The rows --extra_rows adds. The two fine-tuning controls (issue 30): finetune_lr10x
 # starts from 10x the LNS stage's lr (same schedule); finetune_matched runs as many
 # epochs as the warm start and the LNS stage together, the LNS runs' lr trajectory
@@ -120,12 +120,19 @@ def select(runs: List[Run], variants: Sequence[str] = ()) -> List[Run]:
 
 def run_config(config, run: Run, baseline_final: str):
   """The config of one run: the ablation's config with its variant's fields."""
+  from lns_jax import config as config_lib
   c = copy.deepcopy(config)
   c.stages = run.stages
   c.seed = run.seed
   c.alpha = run.alpha
   c.rho = run.rho
   c.init_from = baseline_final
+  if config_lib.teacher_is_stage(c.distill.teacher):
+    # The baseline run trained the teacher (docs/reactnet.md): every variant distils from it.
+    stage_dir = os.path.normpath(baseline_final)
+    if os.path.basename(stage_dir) == "final":
+      stage_dir = os.path.dirname(stage_dir)
+    c.distill.teacher = os.path.join(os.path.dirname(stage_dir), c.distill.teacher)
   c.warmup.alpha = run.warmup_alpha
   c.lns.alpha = None  # the LNS stage's alpha is the run's: config.alpha
   if run.reduction:
@@ -146,10 +153,20 @@ def run_config(config, run: Run, baseline_final: str):
 
 
 def baseline_config(config):
+  """The baseline's run: the stages up to ``pretrain`` (a teacher and ReActNet's step 1
+  where the config has them), from scratch."""
+  from lns_jax import config as config_lib
   c = copy.deepcopy(config)
-  c.stages = "pretrain"
+  names = config_lib.stage_names(config)
+  c.stages = ",".join(names[:names.index("pretrain") + 1]) if "pretrain" in names else "pretrain"
   c.init_from = ""
   return c
+
+
+def baseline_epochs(config) -> float:
+  """The epochs of the baseline's stages (a teacher and ReActNet's step 1 included)."""
+  bcfg = baseline_config(config)
+  return sum(float(bcfg[s].epochs) for s in bcfg.stages.split(","))
 
 
 def baseline_names(config) -> List[str]:

@@ -11,11 +11,12 @@ import os
 import time
 
 from lns_jax.ablation.plan import (BASELINE, FAILED, AblationError, Run, baseline_config, check_baseline_dir,
-                                   check_run_dir, plan, run_config, select)
+                                   baseline_epochs, check_run_dir, plan, run_config, select)
 from lns_jax.ablation.report import collect, write_report
 
 # Relative cost of an epoch, for the ETA: the mapping networks make LNS steps dearer.
-_COST = {"pretrain": 1.0, "finetune": 1.0, "warmup": 1.2, "lns": 1.2}
+_COST = {"pretrain": 1.0, "finetune": 1.0, "warmup": 1.2, "lns": 1.2, "teacher": 1.0,
+         "step1": 1.0}
 
 
 def _run_cost(config, run: Run) -> float:
@@ -67,7 +68,7 @@ class Ablation:
   def epochs_left(self) -> float:
     left = sum(_run_cost(self.config, r) for r in self.todo
                if not _finished(r.workdir(self.root), r.stages))
-    return left + (float(self.config.pretrain.epochs) if self.needs_baseline() else 0.0)
+    return left + (baseline_epochs(self.config) if self.needs_baseline() else 0.0)
 
   def report(self) -> str:
     from lns_jax import parallel
@@ -83,13 +84,13 @@ class Ablation:
     eta = eta or (lambda d: _eta(t0, d, self.epochs_left()))
     todo = len(self.todo)
     if self.needs_baseline():
-      log(f"[ablation] run 0/{todo}: baseline (pretrain, {self.config.pretrain.epochs:g} "
-          f"epochs) in {self.base_dir}; {eta(0.0)}")
+      log(f"[ablation] run 0/{todo}: baseline ({baseline_config(self.config).stages}, "
+          f"{baseline_epochs(self.config):g} epochs) in {self.base_dir}; {eta(0.0)}")
       res = trainer.train(baseline_config(self.config), self.base_dir,
                           stop_at=_stop(stop_at, BASELINE, None))
       if any(r.get("interrupted") for r in res.values()):
         return {"interrupted": True, "run": BASELINE, "signal": _signal(res)}
-      done[0] += float(self.config.pretrain.epochs)
+      done[0] += baseline_epochs(self.config)
     for i, run in enumerate(self.todo, 1):
       wd = run.workdir(self.root)
       if _finished(wd, run.stages):
@@ -175,8 +176,9 @@ def _print_plan(config, root, todo, baseline, base_dir, log) -> dict:
                  else "missing", 0.0))
   else:
     state = _state(base_dir, "pretrain")
-    rows.append(("baseline", "-", f"pretrain, {config.pretrain.epochs:g} epochs", base_dir, state,
-                 0.0 if state == "done" else float(config.pretrain.epochs)))
+    rows.append(("baseline", "-", f"{baseline_config(config).stages}, "
+                 f"{baseline_epochs(config):g} epochs", base_dir, state,
+                 0.0 if state == "done" else baseline_epochs(config)))
   for r in todo:
     wd = r.workdir(root)
     state = _state(wd, r.stages)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from lns_jax.models.alexnet import AlexNet, AlexNetTiny
+from lns_jax.models.reactnet import ReActNet18, ReActNet18Tiny, ReActNet20, ReActNetTiny
 from lns_jax.models.resnet_cifar import ResNet20, ResNetCifar, ResNetTiny
 from lns_jax.models.resnet_imagenet import (BiRealResNet, DoReFaResNet, ResNet18,
                                             ResNet18DoReFa, ResNet18DoReFaTiny, ResNet18Tiny)
+from lns_jax.models.resnet_real import ResNet34, ResNet34Tiny
 
 MODELS = {
     "resnet20": ResNet20,
@@ -25,7 +27,15 @@ MODELS = {
     "resnet18_dorefa_tiny": ResNet18DoReFaTiny,
     "alexnet": AlexNet,
     "alexnet_tiny": AlexNetTiny,
+    "reactnet18": ReActNet18,       # ReActNet on Bi-Real ResNet-18 (models/reactnet.py)
+    "reactnet18_tiny": ReActNet18Tiny,
+    "reactnet20": ReActNet20,       # its ResNet-20-sized kin (Fashion-MNIST, CIFAR-10)
+    "reactnet_tiny": ReActNetTiny,
+    "resnet34": ResNet34,           # real-valued: a distillation teacher only
+    "resnet34_tiny": ResNet34Tiny,
 }
+# Real-valued models: teachers (config.distill), never exported or deployed.
+TEACHERS = ("resnet34", "resnet34_tiny")
 
 
 # config.model.dtype: the dtype the network computes in (convs, BatchNorm, dense layers).
@@ -48,7 +58,8 @@ def from_config(config, weights: str, num_classes: int, mesh=None):
   """The model of ``config.model`` whose binary convs use ``weights``.
 
   ``weights``: a weight binarizer (``'float'`` | ``'sign'`` | ``'lns'``) or a stage name
-  (its weights, :data:`lns_jax.stages.STAGES`). Only ``config.model`` is required;
+  (its weights, and real-valued activations where its row says so,
+  :data:`lns_jax.stages.STAGES`). Only ``config.model`` is required;
   ``config.mapping`` (the LNS layers' f_theta) takes its defaults where absent (an
   export's header). With a ``mesh`` of several devices and ``config.mapping.shard``,
   each device computes f_theta for its share of every layer's filters
@@ -56,7 +67,10 @@ def from_config(config, weights: str, num_classes: int, mesh=None):
   dtype (:data:`DTYPES`).
   """
   from lns_jax import stages
+  input_binarizer = config.model.input_binarizer
   if weights in stages.STAGES:
+    if stages.STAGES[weights].activations == "real":
+      input_binarizer = "none"
     weights = stages.STAGES[weights].weights
   m, mapping = config.model, config.get("mapping")
   kwargs = {}
@@ -69,7 +83,7 @@ def from_config(config, weights: str, num_classes: int, mesh=None):
                   mapping_ste=mapping.ste, mapping_init=mapping.get("init", "random"),
                   mapping_conv=mapping.get("conv", "xla"), mapping_sharding=sharding)
   return get_model(m.name, num_classes=num_classes, weight_binarizer=weights,
-                   input_binarizer=m.input_binarizer, weight_scale=m.weight_scale,
+                   input_binarizer=input_binarizer, weight_scale=m.weight_scale,
                    clip=m.clip, conv=m.get("conv", "xla"),
                    dtype=DTYPES[m.get("dtype", "float32")], **kwargs)
 

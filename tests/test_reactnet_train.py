@@ -1,0 +1,119 @@
+"""The ReActNet stages end to end at smoke size (configs/fashion_mnist_reactnet.py:smoke).
+
+teacher (real-valued), step1 (binary activations, real weights), pretrain (step 2),
+warmup, lns: every stage after the teacher distils from it. The run is stopped in the
+middle of step 2 as a preemption would and resumed by the same call; its step 2 ends
+bit for bit where an uninterrupted run's does. The teacher is in no student checkpoint.
+The trained LNS stage is exported: lns_jax.inference (float and packed convs) gives the
+training model's logits, and Larq Compute Engine's flatbuffer the same predictions.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from lns_jax import checkpoint as ckpt_lib
+from lns_jax import data, deploy, export, inference, models, reporting, trainer
+from lns_testutil import assert_same_variables, load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _config(stages="teacher,step1,pretrain,warmup,lns"):
+  c = load_config("fashion_mnist_reactnet.py", "smoke")
+  c.data.train_examples = 128  # 4 steps an epoch
+  c.data.eval_examples = 64
+  c.warmup.epochs = c.lns.epochs = 0.5
+  c.log_every_steps = 2
+  c.checkpoint_every_steps = 3
+  c.stages = stages
+  return c
+
+
+@pytest.fixture(scope="module")
+def reactnet_run(tmp_path_factory):
+  """The five stages, stopped at step 2 of step 2, then resumed to the end."""
+  run = str(tmp_path_factory.mktemp("reactnet") / "run")
+  starts, run_stage = {}, trainer.run_stage
+
+  def spy(ctx, start):  # what each stage starts from
+    starts[ctx.stage] = start
+    return run_stage(ctx, start)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(trainer, "run_stage", spy)
+    out = trainer.train(_config(), run, stop_at=("pretrain", 2))
+  assert list(out) == ["teacher", "step1", "pretrain"] and out["pretrain"]["interrupted"]
+  # The teacher and step 1 start fresh (the teacher is standalone); step 2 from step 1.
+  assert starts["teacher"] is None and starts["step1"] is None
+  assert_same_variables(starts["pretrain"], ckpt_lib.load_variables(f"{run}/step1"), atol=0)
+  return run, trainer.train(_config(), run)  # the same call resumes step 2 at step 2
+
+
+def test_two_step_training_distils_and_resumes_in_step_two(reactnet_run, tmp_path):
+  run, out = reactnet_run
+  assert list(out) == ["teacher", "step1", "pretrain", "warmup", "lns"]
+  assert all(r["steps"] == (2 if s in ("warmup", "lns") else 4) for s, r in out.items())
+
+  train = [r for r in reporting.read_metrics(run) if r["kind"] == reporting.TRAIN]
+  for stage in ("teacher", "step1", "pretrain", "warmup", "lns"):
+    recs = [r for r in train if r["stage"] == stage]
+    assert recs and all(("kd" in r) == (stage != "teacher") for r in recs), stage
+    assert all(np.isfinite(r["kd"]) and r["kd"] >= 0 for r in recs if "kd" in r)
+
+  # Only the student is saved: the checkpoints hold the model's variables, no teacher's.
+  saved = ckpt_lib.load_variables(os.path.join(run, "pretrain", "final"))
+  teacher = ckpt_lib.load_variables(os.path.join(run, "teacher", "final"))
+  assert set(saved) == {"params", "batch_stats"}
+  flat = traverse_util.flatten_dict(saved["params"])
+  assert set(flat) == set(traverse_util.flatten_dict(teacher["params"]))  # same shape family
+
+  # An uninterrupted run of the same stages ends step 2 where the resumed one did.
+  ref = str(tmp_path / "ref")
+  trainer.train(_config("teacher,step1,pretrain"), ref)
+  assert_same_variables(ckpt_lib.load_variables(os.path.join(ref, "pretrain", "final")), saved)
+
+
+def _have_lce():
+  try:
+    deploy.lce_python()
+    return True
+  except deploy.DeployError:
+    return False
+
+
+def test_export_inference_and_lce_agree_with_the_trained_model(reactnet_run, tmp_path):
+  run, _ = reactnet_run
+  cfg = _config()
+  npz = str(tmp_path / "reactnet.npz")
+  with pytest.raises(export.ExportError, match="real-valued"):
+    export.export(run, npz, stage="teacher")
+  export.export(run, npz)  # the last stage: lns
+  header, members = export.read_file(npz)
+  assert len(header["binary_layers"]) == 8
+  # RSign's thresholds and RPReLU's parameters travel as full-precision arrays.
+  assert sum(k.endswith("/rsign/beta") for k in members) == 6
+  assert sum(k.endswith("/rprelu/zeta") for k in members) == 6
+  info = data.get_info(cfg.data)
+  train_model = models.from_config(cfg, "lns", info.num_classes)
+  variables = ckpt_lib.load_variables(f"{run}/lns")
+  images = np.concatenate([b["image"] for b in data.eval_iterator(cfg.data, "test",
+                                                                  batch_size=cfg.batch_size)])
+  want = np.asarray(jax.jit(lambda v, x: train_model.apply(v, x, train=False))(variables, images))
+  model = inference.load(npz, config=cfg)
+  got = np.asarray(inference.predict(model, images))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  packed = np.asarray(inference.predict(model, images, use_packed=True))
+  np.testing.assert_allclose(packed, got, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(packed.argmax(-1), want.argmax(-1))
+  if not _have_lce():
+    pytest.skip(f"no deployment environment ({deploy.DEFAULT_PYTHON}); {deploy.CREATE}")
+  fb = str(tmp_path / "reactnet.tflite")
+  report = deploy.convert(npz, fb)
+  assert report["ops"]["LceBconv2d"] == 8, report["ops"]
+  lce, _ = deploy.run(fb, images)
+  np.testing.assert_array_equal(lce.argmax(-1), packed.argmax(-1))
+  np.testing.assert_allclose(lce, packed, rtol=0, atol=1e-4 + 1e-5 * np.abs(packed).max())
