@@ -103,22 +103,27 @@ def collect(root: str, runs: List[Run], baseline: str = "") -> dict:
   return out
 
 
-def _mean_std(values) -> str:
+def mean_std(values, sign: str = "", one: str = "") -> str:
+  """``'m ± s'`` in % (sample std) of the non-None fractions; ``'m' + one`` for one value,
+  ``'-'`` for none. ``sign='+'`` writes the mean's sign (a gain)."""
   values = [v for v in values if v is not None]
   if not values:
     return "-"
   m = 100 * float(np.mean(values))
   if len(values) == 1:
-    return f"{m:.2f}"
-  return f"{m:.2f} ± {100 * float(np.std(values, ddof=1)):.2f}"
+    return f"{m:{sign}.2f}{one}"
+  return f"{m:{sign}.2f} ± {100 * float(np.std(values, ddof=1)):.2f}"
+
+
+
 
 
 def _best_mean_std(values) -> str:
   """The paper's "best (mean ± std)" over runs (Table 2), in %."""
   values = [v for v in values if v is not None]
   if len(values) < 2:
-    return _mean_std(values)
-  return f"{100 * max(values):.2f} ({_mean_std(values)})"
+    return mean_std(values)
+  return f"{100 * max(values):.2f} ({mean_std(values)})"
 
 
 def table(results: dict) -> str:
@@ -133,9 +138,9 @@ def table(results: dict) -> str:
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
   b = results["baseline"]
   if b:
-    row = ["baseline (pretrained)", "-", _mean_std([b["test_top1"]])]
+    row = ["baseline (pretrained)", "-", mean_std([b["test_top1"]])]
     if has_val:
-      row += ["-", _mean_std([b.get("val_top1")])]
+      row += ["-", mean_std([b.get("val_top1")])]
     rows.append("| " + " | ".join(row) + " |")
   for name, all_recs in results["variants"].items():
     recs = [r for r in all_recs if "failed" not in r]
@@ -144,8 +149,8 @@ def table(results: dict) -> str:
     if failed:
       row[1] += f" (+{failed} failed: non-finite)"
     if has_val:
-      row += [_mean_std([r.get("best_test_top1") for r in recs]),
-              _mean_std([r.get("val_top1") for r in recs])]
+      row += [mean_std([r.get("best_test_top1") for r in recs]),
+              mean_std([r.get("val_top1") for r in recs])]
     rows.append("| " + " | ".join(row) + " |")
   return "\n".join(rows)
 

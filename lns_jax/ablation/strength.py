@@ -20,6 +20,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from lns_jax.ablation.plan import AblationError, baseline_names, with_baseline
+from lns_jax.ablation.report import mean_std
 from lns_jax.ablation.runner import Ablation, _duration, _print_plan
 
 
@@ -129,12 +130,7 @@ def figure_points(strength: dict) -> Dict[str, list]:
 
 
 def _pm(values: List[float]) -> str:
-  if not values:
-    return "-"
-  m = 100 * float(np.mean(values))
-  if len(values) == 1:
-    return f"{m:+.2f} (1 seed)"
-  return f"{m:+.2f} ± {100 * float(np.std(values, ddof=1)):.2f}"
+  return mean_std(values, sign="+", one=" (1 seed)")
 
 
 def table(strength: dict) -> str:
