@@ -115,7 +115,8 @@ def teacher_for(config, workdir: str, stage: str, num_classes: int,
     model = models.from_config(teacher_config, teacher_stage, num_classes)
     from lns_jax import binary
     shapes = binary.abstract_variables(model, image_shape)
-    ckpt_lib.merge_variables(shapes["params"], variables["params"], "the teacher")
+    ckpt_lib.from_start({"params": shapes["params"]}, {"params": variables["params"]},
+                        "the teacher")
   except (ckpt_lib.CheckpointMismatchError, ValueError, TypeError) as e:
     raise ConfigError(f"config.distill.teacher={d.teacher!r}: cannot use it as the "
                       f"teacher of this run's {num_classes}-class {tuple(image_shape)} "
