@@ -141,8 +141,6 @@ def jit_train_step(step_fn, teacher: Optional[Teacher], mesh, **jit_kwargs):
   devices once."""
   if teacher is None:
     return parallel.jit_data_parallel(step_fn, mesh, **jit_kwargs)
-  rep = parallel.replicated(mesh)
-  jitted = jax.jit(step_fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep),
-                   out_shardings=(rep, rep), donate_argnums=(0,), **jit_kwargs)
-  variables = jax.device_put(teacher.variables, rep)
+  jitted = parallel.jit_data_parallel(step_fn, mesh, replicated_after=1, **jit_kwargs)
+  variables = jax.device_put(teacher.variables, parallel.replicated(mesh))
   return lambda state, batch: jitted(state, batch, variables)

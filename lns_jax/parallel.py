@@ -74,8 +74,10 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
   return out
 
 
-def jit_data_parallel(fn: Callable, mesh: Mesh, *, donate_state: bool = True, **jit_kwargs):
-  """``jax.jit`` of ``fn(state, batch) -> (new_state, metrics)`` over ``mesh``.
+def jit_data_parallel(fn: Callable, mesh: Mesh, *, donate_state: bool = True,
+                      replicated_after: int = 0, **jit_kwargs):
+  """``jax.jit`` of ``fn(state, batch) -> (new_state, metrics)`` over ``mesh``
+  (``replicated_after`` more replicated arguments after the batch: a teacher's variables).
 
   The state (first argument) and every output are replicated, the batch is sharded
   on ``data``; the state's buffers are donated (``donate_argnums=(0,)``) so a step
@@ -85,7 +87,8 @@ def jit_data_parallel(fn: Callable, mesh: Mesh, *, donate_state: bool = True, **
   ``jax.jit`` (e.g. ``compiler_options``).
   """
   rep = replicated(mesh)
-  return jax.jit(fn, in_shardings=(rep, batch_sharding(mesh)), out_shardings=(rep, rep),
+  return jax.jit(fn, in_shardings=(rep, batch_sharding(mesh)) + (rep,) * replicated_after,
+                 out_shardings=(rep, rep),
                  donate_argnums=(0,) if donate_state else (), **jit_kwargs)
 
 

@@ -59,7 +59,8 @@ from lns_jax.ablation.strength import run_strength
 
 __all__ = [
     "BASELINE", "BASELINE_FIELDS", "EXTRA_ROWS", "FAILED", "Ablation", "AblationError", "Run",
-    "baseline_config", "baseline_names", "check_baseline_dir", "baseline_epochs", "check_run_dir", "collect",
+    "baseline_config", "baseline_epochs", "baseline_names", "check_baseline_dir",
+    "check_run_dir", "collect",
     "names", "parse_floats", "plan", "run_ablation", "run_config", "run_record",
     "run_strength", "select", "table", "train_ce_tail", "with_baseline", "write_report",
 ]

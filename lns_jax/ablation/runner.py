@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import time
 
-from lns_jax.ablation.plan import (BASELINE, FAILED, AblationError, Run, baseline_config, check_baseline_dir,
-                                   baseline_epochs, check_run_dir, plan, run_config, select)
+from lns_jax.ablation.plan import (BASELINE, FAILED, AblationError, Run, baseline_config,
+                                   baseline_epochs, check_baseline_dir, check_run_dir, plan,
+                                   run_config, select)
 from lns_jax.ablation.report import collect, write_report
 
 # Relative cost of an epoch, for the ETA: the mapping networks make LNS steps dearer.

@@ -24,7 +24,8 @@ from lns_jax.ablation.report import mean_std
 from lns_jax.ablation.runner import Ablation, _duration, _print_plan
 
 
-def prepare(config, workdir: str, names: Sequence[str], seeds: int, **kwargs) -> Dict[str, Ablation]:
+def prepare(config, workdir: str, names: Sequence[str], seeds: int,
+            **kwargs) -> Dict[str, Ablation]:
   """``{name: its Ablation}``, every one checked (configs, folders) before any trains."""
   if len(set(names)) != len(names):
     raise AblationError(f"--baselines={','.join(names)}: a name is given twice.")
