@@ -36,7 +36,6 @@ last line of stdout is a JSON report.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import os
@@ -51,6 +50,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 import numpy as np  # noqa: E402
+
+# The Keras layers and one builder per model family, beside this file (run by path, this
+# folder is on sys.path; imported as lns_jax.deploy_lce_models it is there too).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from deploy_lce_models import BUILDERS, Scale  # noqa: E402  pylint: disable=wrong-import-position
 
 FORMAT = "lns-jax-export"
 # The export format versions this converter reads: major 1, minor up to 1 (= lns-jax's
@@ -271,34 +275,6 @@ class _Builder:
     return model
 
 
-@functools.lru_cache(maxsize=None)
-def _scale_layer():
-  import tf_keras as keras
-
-  class _Scale(keras.layers.Layer):
-    """``x * s``: the binary layer's scale (a scalar or one per output channel); with
-    ``add``, ``x + s`` (ReActNet's per-channel shifts, deploy_lce_reactnet.py)."""
-
-    def __init__(self, scale, add=False, **kwargs):
-      super().__init__(**kwargs)
-      self.scale, self.add = np.asarray(scale, np.float32), add
-
-    def call(self, x):
-      import tensorflow as tf
-      return x + tf.constant(self.scale) if self.add else x * tf.constant(self.scale)
-
-  return _Scale
-
-
-def Scale(scale, name):  # pylint: disable=invalid-name
-  return _scale_layer()(scale, name=name)
-
-
-def offset(x, values, name):
-  """``x + values`` (one per channel) as a layer: TFLite's ADD of a constant."""
-  return _scale_layer()(values, add=True, name=name)(x)
-
-
 def zero_pad(L, x, pad, kernel, strides, name):
   """``pad`` zeros on every side of ``x`` before a VALID conv, as ``ZeroPadding2D``.
 
@@ -315,100 +291,6 @@ def zero_pad(L, x, pad, kernel, strides, name):
     unused = (size + 2 * pad - k) % strides
     pads.append((pad, pad - min(unused, pad)))
   return L.ZeroPadding2D(tuple(pads), name=name)(x)
-
-
-def _stage_of(name):
-  return int(name.split("_")[0][len("stage"):])
-
-
-def _resnet_cifar(b, x, imagenet_stem):
-  """lns_jax.models.resnet_cifar.ResNetCifar (ResNet-20; DoReFa ResNet-18 with the stem)."""
-  L = b.keras.layers
-  if imagenet_stem:
-    x = b.fp_conv(x, "conv_init", strides=2, padding=3)
-  else:
-    x = b.fp_conv(x, "conv_init")
-  x = b.bn(x, "bn_init")
-  if imagenet_stem:
-    x = L.MaxPooling2D(3, 2, padding="same")(x)  # -inf padding, as flax's max_pool
-  for block in b.blocks(lambda n: "unit" not in n):
-    i, j = _stage_of(block), int(block.split("_block")[1])
-    strides = 2 if i > 1 and j == 1 else 1
-    y = b.bn(b.binary_conv(x, f"{block}/conv1", strides), f"{block}/bn1")
-    y = b.bn(b.binary_conv(y, f"{block}/conv2"), f"{block}/bn2")
-    residual = x
-    if b.has(f"{block}/downsample_conv"):
-      residual = b.bn(b.fp_conv(x, f"{block}/downsample_conv", strides),
-                      f"{block}/downsample_bn")
-    x = L.Add()([y, residual])
-  x = L.GlobalAveragePooling2D()(L.ReLU()(x))
-  return b.dense(x, "head")
-
-
-def _same_avg_pool_2x2(L, x):
-  """flax's ``avg_pool(x, (2, 2), (2, 2), 'SAME')``: zero-padded, the pads counted."""
-  h, w = int(x.shape[1]), int(x.shape[2])
-  if h % 2 or w % 2:  # SAME pads (0, 1) on an odd side; flax counts the pad's zeros
-    x = L.ZeroPadding2D(((0, h % 2), (0, w % 2)))(x)
-  return L.AveragePooling2D(2, 2, padding="valid")(x)
-
-
-def _bireal(b, x):
-  """lns_jax.models.resnet_imagenet.BiRealResNet (Bi-Real ResNet-18)."""
-  L = b.keras.layers
-  x = b.bn(b.fp_conv(x, "conv_init", strides=2, padding=3), "bn_init")
-  x = L.MaxPooling2D(3, 2, padding="same")(x)
-  for unit in b.blocks(lambda n: "unit" in n):
-    i = _stage_of(unit)
-    j, k = (int(p) for p in unit.split("_block")[1].split("_unit"))
-    strides = 2 if i > 1 and j == 1 and k == 1 else 1
-    y = b.prelu(b.bn(b.binary_conv(x, f"{unit}/conv", strides), f"{unit}/bn"),
-                f"{unit}/prelu")
-    residual = x
-    if b.has(f"{unit}/downsample_conv"):
-      if strides > 1:
-        residual = _same_avg_pool_2x2(L, residual)
-      residual = b.bn(b.fp_conv(residual, f"{unit}/downsample_conv"),
-                      f"{unit}/downsample_bn")
-    x = L.Add()([y, residual])
-  return b.dense(L.GlobalAveragePooling2D()(x), "head")
-
-
-def _alexnet(b, x):
-  """lns_jax.models.alexnet.AlexNet: FP conv1 and fc8, binary conv2-5 and fc6-7 (1x1)."""
-  L = b.keras.layers
-
-  def pool(t):
-    return L.MaxPooling2D(3, 2, padding="valid")(t)  # flax max_pool's default VALID
-
-  x = b.fp_conv(x, "conv1", strides=4, padding=2)
-  x = b.bn(pool(x), "bn1")
-  x = b.bn(pool(b.binary_conv(x, "conv2")), "bn2")
-  x = b.bn(b.binary_conv(x, "conv3"), "bn3")
-  x = b.bn(b.binary_conv(x, "conv4"), "bn4")
-  x = b.bn(pool(b.binary_conv(x, "conv5")), "bn5")
-  x = L.Reshape((1, 1, -1))(x)  # C order over (h, w, c), as jnp's reshape
-  x = b.bn(b.binary_conv(x, "fc6"), "bn6")
-  x = b.bn(b.binary_conv(x, "fc7"), "bn7")
-  x = L.Flatten()(L.ReLU()(x))
-  return b.dense(x, "fc8")
-
-
-def _reactnet(b, x):
-  """lns_jax.models.reactnet.ReActNet: its builder is deploy_lce_reactnet.py, beside this."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import deploy_lce_reactnet  # pylint: disable=import-outside-toplevel
-  stem = lambda t, name: b.fp_conv(t, name, strides=2, padding=3)  # noqa: E731
-  return deploy_lce_reactnet.build(b, x, _same_avg_pool_2x2, stem, offset)
-
-
-BUILDERS = {
-    "reactnet": _reactnet,
-    "resnet_cifar": lambda b, x: _resnet_cifar(b, x, imagenet_stem=False),
-    "resnet_dorefa": lambda b, x: _resnet_cifar(b, x, imagenet_stem=True),
-    "bireal": _bireal,
-    "alexnet": _alexnet,
-}
 
 
 def build_keras_model(path, header, members):
