@@ -2,8 +2,12 @@
 
 import os
 
+# Compile time dominates the tiny test models: every jit of the tests (not only the
+# trainer's, see LNS_FAST_COMPILE below) compiles with parallel._FAST_COMPILE's options.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0"
+                           " --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tf.data is only the input pipeline: keep TensorFlow off any accelerator and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -41,21 +41,24 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
   root = str(tmp_path / "abl")
   config = _config()
   logs = []
-  # An interruption in the middle of seed 1's LNS stage, as a preemption would.
-  out = ablation.run_ablation(config, root, seeds=2, log=logs.append,
+  # Two of the plan's three rows train (fine-tuning and LNS, each stage kind once):
+  # lns_alpha0 is lns at another alpha, its config checked below and in the --baseline
+  # run's plan. An interruption in the middle of seed 1's LNS stage, as a preemption would.
+  rows = ["finetune", "lns"]
+  out = ablation.run_ablation(config, root, seeds=2, log=logs.append, variants=rows,
                               stop_at=("lns", 1, "lns", 1))
   assert out == {"interrupted": True, "run": "lns/seed1", "signal": None}
   done_before = _result_mtimes(root)
-  # Baseline, 3 variants of seed 0, finetune and lns_alpha0 of seed 1, warmup of lns/seed1.
+  # Baseline, both rows of seed 0, finetune of seed 1, warmup of lns/seed1.
   assert len([p for p in done_before if p.endswith("pretrain/result.json")]) == 1
   assert os.path.exists(os.path.join(root, "lns", "seed1", "warmup", "result.json"))
   assert not os.path.exists(os.path.join(root, "lns", "seed1", "lns", "result.json"))
   assert os.listdir(os.path.join(root, "lns", "seed1", "lns", "checkpoints"))
-  assert any("run 0/6: baseline" in line for line in logs)
-  assert any("run 6/6: lns seed 1" in line and "ETA" in line for line in logs)
+  assert any("run 0/4: baseline" in line for line in logs)
+  assert any("run 4/4: lns seed 1" in line and "ETA" in line for line in logs)
 
   logs.clear()
-  results = ablation.run_ablation(config, root, seeds=2, log=logs.append)
+  results = ablation.run_ablation(config, root, seeds=2, log=logs.append, variants=rows)
   # Finished runs are not repeated; only the interrupted one ran again.
   after = _result_mtimes(root)
   for path, mtime in done_before.items():
@@ -65,12 +68,16 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
 
   saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
   assert set(saved["variants"]) == {"finetune", "lns_alpha0", "lns"}
-  for name, recs in saved["variants"].items():
+  assert saved["variants"]["lns_alpha0"] == []  # planned, not run: in the report, empty
+  for name in rows:
+    recs = saved["variants"][name]
     assert [r["seed"] for r in recs] == [0, 1], name
     for r in recs:
       assert 0.0 <= r["test_top1"] <= 1.0 and r["test_top1"] <= r["test_top5"] <= 1.0
       assert 0.0 <= r["val_top1"] <= 1.0 and "best_test_top1" in r
-  assert saved["variants"]["lns_alpha0"][0]["alpha"] == 0.0
+  # A record's alpha is its planned run's (ablation.report.collect).
+  planned = {r.variant: r for r in ablation.plan(config, seeds=1)}
+  assert planned["lns_alpha0"].alpha == 0.0
   assert saved["variants"]["lns"][0]["alpha"] == config.alpha
   assert "warmup_signs_differ" in saved["variants"]["lns"][0]
   assert 0.0 <= saved["baseline"]["test_top1"] <= 1.0
@@ -95,53 +102,66 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
   # baseline (a stage folder), no pretraining, its result in the table. With the paper
   # recipe's extra rows: lns_alpha0 warms up with alpha > 0 (DECISIONS 17), lns_alpha0_cewarm
   # with alpha 0, and lns_sum (Eq. 17) diverges at a warm start lr the mean trains at: it
-  # is recorded as failed and the ablation goes on (DECISIONS 16).
+  # is recorded as failed and the ablation goes on (DECISIONS 16). Of its rows, lns_sum (the
+  # failure) trains here and a sweep point (a result from the reused baseline) in the rerun
+  # below; the others' configs are checked from the plan (the configs the runner writes) and
+  # the dry run's description of each.
   other = tmp_path / "abl2"
   cmd = [sys.executable, "-m", "lns_jax.ablation", *SMOKE_FLAGS, f"--workdir={other}",
          "--seeds=1", "--baseline=" + os.path.join(root, "baseline", "pretrain"),
          "--extra_rows=alpha0_cewarm,other_reduction", "--config.warmup.lr=3.0",
          "--config.evals_per_epoch=2"]
-  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
-                     env=dict(os.environ, LNS_FAST_COMPILE="1"))
+  p = subprocess.run(cmd + ["--variants=lns_sum"], capture_output=True, text=True,
+                     cwd=ROOT, timeout=900, env=dict(os.environ, LNS_FAST_COMPILE="1"))
   assert p.returncode == 0, p.stderr[-3000:]
-  assert "[ablation] run 3/5: lns seed 0" in p.stdout and "| lns | 1 |" in p.stdout, p.stdout
+  assert "[ablation] run 1/1: lns_sum seed 0" in p.stdout and "| lns | 0 |" in p.stdout, p.stdout
   reused = json.loads((other / "ablation.json").read_text())
   assert not (other / "baseline").exists()
   assert reused["baseline"] == saved["baseline"]
   assert list(reused["variants"]) == ["finetune", "lns_alpha0", "lns", "lns_alpha0_cewarm",
                                       "lns_sum"]
-  assert [len(v) for v in reused["variants"].values()] == [1, 1, 1, 1, 1]
+  assert [len(v) for v in reused["variants"].values()] == [0, 0, 0, 0, 1]
   run_cfg = lambda v: json.loads((other / v / "seed0" / "config.json").read_text())
-  assert run_cfg("lns_alpha0")["warmup"]["alpha"] == 1.0 and run_cfg("lns_alpha0")["alpha"] == 0
-  assert run_cfg("lns_alpha0_cewarm")["warmup"]["alpha"] == 0.0
-  assert run_cfg("lns_sum")["reduction"] == "sum" and run_cfg("lns")["reduction"] == "mean"
-  assert run_cfg("finetune")["finetune"]["alpha"] is None
+  assert run_cfg("lns_sum")["reduction"] == "sum"
+  plan_cfg = {r.variant: ablation.run_config(config, r, "b").to_dict() for r in
+              ablation.plan(config, 1, extra_rows=["alpha0_cewarm", "other_reduction"])}
+  assert plan_cfg["lns_alpha0"]["warmup"]["alpha"] == 1.0 and plan_cfg["lns_alpha0"]["alpha"] == 0
+  assert plan_cfg["lns_alpha0_cewarm"]["warmup"]["alpha"] == 0.0
+  assert plan_cfg["finetune"]["finetune"]["alpha"] is None
   (failed,) = reused["variants"]["lns_sum"]
   assert "NaN/Inf" in failed["failed"] and (other / "lns_sum" / "seed0" / "failed.json").exists()
-  for v in ("finetune", "lns_alpha0", "lns", "lns_alpha0_cewarm"):
-    assert "test_top1" in reused["variants"][v][0], v
   md2 = (other / "ablation.md").read_text()
   assert "| lns_sum | 0 (+1 failed: non-finite) |" in md2 and "lns_sum seed 0 failed:" in md2
   assert (other / "baseline.png").stat().st_size > 1000  # the reused baseline's curves
-  # Rerun with one more sweep point and --variants: only that point runs; the failed
-  # lns_sum is not retried and the finished rows stay in the table.
+  # Rerun with one more sweep point and --variants: only that point runs, from the reused
+  # baseline, into the table; the failed lns_sum is not retried and stays in the table.
   p2 = subprocess.run(cmd + ["--alphas=0.5", "--variants=lns_alpha0.5,lns_sum"],
                       capture_output=True, text=True, cwd=ROOT, timeout=900,
                       env=dict(os.environ, LNS_FAST_COMPILE="1"))
   assert p2.returncode == 0, p2.stderr[-3000:]
   started = [line for line in p2.stdout.splitlines() if line.startswith("[ablation] run")]
   assert len(started) == 1 and "run 1/2: lns_alpha0.5 seed 0" in started[0], p2.stdout[-2000:]
+  assert "| lns_alpha0.5 | 1 |" in p2.stdout, p2.stdout[-2000:]
   again = json.loads((other / "ablation.json").read_text())
   assert again["variants"]["lns_alpha0.5"][0]["alpha"] == 0.5
-  assert again["variants"]["lns"] == reused["variants"]["lns"]
-  # --dry_run on that workdir: each run's state, nothing left, nothing written.
+  assert "test_top1" in again["variants"]["lns_alpha0.5"][0]
+  assert run_cfg("lns_alpha0.5")["reduction"] == "mean"
+  assert again["variants"]["lns_sum"] == reused["variants"]["lns_sum"]
+  # --dry_run on that workdir: each run's state (the rows never trained left), nothing written.
   before = _result_mtimes(other)
   p3 = subprocess.run(cmd + ["--alphas=0.5", "--dry_run"], capture_output=True, text=True,
                       cwd=ROOT, timeout=900, env=dict(os.environ, LNS_FAST_COMPILE="1"))
   assert p3.returncode == 0, p3.stderr[-3000:]
   assert "lns_sum seed 0: warmup,lns, alpha 1, rho 0.005, warm start alpha 1, reduction sum; " \
          "failed" in p3.stdout and "lns_alpha0.5 seed 0: " in p3.stdout, p3.stdout
-  assert "baseline: reused; found" in p3.stdout and "dry run: 0 of 7 runs left" in p3.stdout
+  for line in ("lns_alpha0 seed 0: warmup,lns, alpha 0, rho 0.005, warm start alpha 1; to run",
+               "lns_alpha0_cewarm seed 0: warmup,lns, alpha 0, rho 0.005, warm start alpha 0; "
+               "to run", "finetune seed 0: finetune, alpha 0, rho 0.005; to run",
+               "lns seed 0: warmup,lns, alpha 1, rho 0.005, warm start alpha 1; to run",
+               "lns_alpha0.5 seed 0: warmup,lns, alpha 0.5, rho 0.005, warm start alpha 1; "
+               "done"):
+    assert line in p3.stdout, (line, p3.stdout)
+  assert "baseline: reused; found" in p3.stdout and "dry run: 4 of 7 runs left" in p3.stdout
   assert _result_mtimes(other) == before
 
 

@@ -9,6 +9,7 @@ training model's logits, and Larq Compute Engine's flatbuffer the same predictio
 """
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -71,9 +72,15 @@ def test_two_step_training_distils_and_resumes_in_step_two(reactnet_run, tmp_pat
   flat = traverse_util.flatten_dict(saved["params"])
   assert set(flat) == set(traverse_util.flatten_dict(teacher["params"]))  # same shape family
 
-  # An uninterrupted run of the same stages ends step 2 where the resumed one did.
+  # An uninterrupted run of the same stages ends step 2 where the resumed one did. Its
+  # teacher and step 1 are the run's (finished before the interruption, so not run again):
+  # step 2 starts from the same variables and distils from the same teacher.
   ref = str(tmp_path / "ref")
-  trainer.train(_config("teacher,step1,pretrain"), ref)
+  for stage in ("teacher", "step1"):
+    shutil.copytree(os.path.join(run, stage), os.path.join(ref, stage))
+  assert list(trainer.train(_config("teacher,step1,pretrain"), ref)) == [
+      "teacher", "step1", "pretrain"]
+  assert not os.path.exists(os.path.join(ref, "step1", "checkpoints", "1"))
   assert_same_variables(ckpt_lib.load_variables(os.path.join(ref, "pretrain", "final")), saved)
 
 
