@@ -47,16 +47,25 @@ def _stage_of(name):
   return int(name.split("_")[0][len("stage"):])
 
 
+def _unit_strides(unit):
+  """A Bi-Real/ReActNet unit ``stage<i>_block<j>_unit<k>``: 2 for the first unit of every
+  stage but the first (as the models), else 1."""
+  j, k = (int(p) for p in unit.split("_block")[1].split("_unit"))
+  return 2 if _stage_of(unit) > 1 and j == 1 and k == 1 else 1
+
+
+def _stem(b, x, imagenet):
+  """conv_init + bn_init; the ImageNet stem's 7x7 stride-2 conv then a 3x3 max pool."""
+  if not imagenet:
+    return b.bn(b.fp_conv(x, "conv_init"), "bn_init")
+  x = b.bn(b.fp_conv(x, "conv_init", strides=2, padding=3), "bn_init")
+  return b.keras.layers.MaxPooling2D(3, 2, padding="same")(x)  # -inf pads, as flax's max_pool
+
+
 def _resnet_cifar(b, x, imagenet_stem):
   """lns_jax.models.resnet_cifar.ResNetCifar (ResNet-20; DoReFa ResNet-18 with the stem)."""
   L = b.keras.layers
-  if imagenet_stem:
-    x = b.fp_conv(x, "conv_init", strides=2, padding=3)
-  else:
-    x = b.fp_conv(x, "conv_init")
-  x = b.bn(x, "bn_init")
-  if imagenet_stem:
-    x = L.MaxPooling2D(3, 2, padding="same")(x)  # -inf padding, as flax's max_pool
+  x = _stem(b, x, imagenet_stem)
   for block in b.blocks(lambda n: "unit" not in n):
     i, j = _stage_of(block), int(block.split("_block")[1])
     strides = 2 if i > 1 and j == 1 else 1
@@ -82,12 +91,9 @@ def _same_avg_pool_2x2(L, x):
 def _bireal(b, x):
   """lns_jax.models.resnet_imagenet.BiRealResNet (Bi-Real ResNet-18)."""
   L = b.keras.layers
-  x = b.bn(b.fp_conv(x, "conv_init", strides=2, padding=3), "bn_init")
-  x = L.MaxPooling2D(3, 2, padding="same")(x)
+  x = _stem(b, x, imagenet=True)
   for unit in b.blocks(lambda n: "unit" in n):
-    i = _stage_of(unit)
-    j, k = (int(p) for p in unit.split("_block")[1].split("_unit"))
-    strides = 2 if i > 1 and j == 1 and k == 1 else 1
+    strides = _unit_strides(unit)
     y = b.prelu(b.bn(b.binary_conv(x, f"{unit}/conv", strides), f"{unit}/bn"),
                 f"{unit}/prelu")
     residual = x
@@ -127,13 +133,6 @@ def _rprelu(b, x, name):
   return offset(x, b.take(f"params/{name}/zeta"), name.replace("/", "_") + "_zeta")
 
 
-def _reactnet_strides(unit):
-  """2 for the first unit of every stage but the first (as the model), else 1."""
-  i = int(unit.split("_")[0][len("stage"):])
-  j, k = (int(p) for p in unit.split("_block")[1].split("_unit"))
-  return 2 if i > 1 and j == 1 and k == 1 else 1
-
-
 def _reactnet(b, x):
   """lns_jax.models.reactnet.ReActNet (Liu et al., ECCV 2020). A unit
 
@@ -145,13 +144,9 @@ def _reactnet(b, x):
   ``PReLU``, ADD; the downsampling unit's two convs share the one thresholded input and
   are concatenated after their shortcut additions."""
   L = b.keras.layers
-  if b.members["params/conv_init/kernel"].shape[0] == 7:  # the ImageNet stem
-    x = b.bn(b.fp_conv(x, "conv_init", strides=2, padding=3), "bn_init")
-    x = L.MaxPooling2D(3, 2, padding="same")(x)  # -inf padding, as flax's max_pool
-  else:
-    x = b.bn(b.fp_conv(x, "conv_init"), "bn_init")
+  x = _stem(b, x, imagenet=b.members["params/conv_init/kernel"].shape[0] == 7)
   for unit in b.blocks(lambda n: "unit" in n):
-    strides = _reactnet_strides(unit)
+    strides = _unit_strides(unit)
     shifted = offset(x, -b.take(f"params/{unit}/rsign/beta"), f"{unit}_rsign")
     shortcut = _same_avg_pool_2x2(L, x) if strides > 1 else x
     convs = ([("conv", "bn")] if f"binary/{unit}/conv/signs" in b.members
