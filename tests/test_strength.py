@@ -85,13 +85,17 @@ def test_strength_table_and_figure_from_hand_built_records(tmp_path):
   records = {"weak": _res(0.80, 0.45, finetune=[0.81, 0.83], lns_alpha0=[0.845, 0.85, 0.84]),
              "strong": _res(0.90, 0.20, finetune=[0.9], lns_alpha0=[0.899, 0.901]),
              "empty": {"baseline": {}, "variants": {"finetune": []}}}
+  records["strong"]["baseline"].update(train_hours=2.25, train_ce_last_quarter=[0.2012, 0.2004])
   g = strength.gains(records["weak"])
   np.testing.assert_allclose(g["lns_alpha0"], [0.045, 0.05, 0.04])
   lines = strength.table(records).splitlines()
   weak_ft = 100 * np.array([0.01, 0.03])
-  assert lines[2] == (f"| weak | r | 80.00 | - | 0.450 | +{weak_ft.mean():.2f} ± "
+  assert lines[0].startswith("| baseline | recipe | train time | test top-1 | val top-1 | "
+                             "train CE (end) | train CE, last quarter | finetune |")
+  assert lines[2] == (f"| weak | r | - | 80.00 | - | 0.450 | - | +{weak_ft.mean():.2f} ± "
                       f"{weak_ft.std(ddof=1):.2f} | +4.50 ± 0.50 |")
-  assert lines[3] == "| strong | r | 90.00 | - | 0.200 | +0.00 (1 seed) | +0.00 ± 0.14 |"
+  assert lines[3] == ("| strong | r | 2.2 h | 90.00 | - | 0.200 | 0.201 → 0.200 | "
+                      "+0.00 (1 seed) | +0.00 ± 0.14 |")
   assert lines[4].startswith("| empty |") and lines[4].endswith("| - | - |")
   points = strength.figure_points(records)
   assert points["lns_alpha0"] == [(80.0, 0.45, pytest.approx(4.5), pytest.approx(0.5)),
@@ -116,6 +120,31 @@ def test_train_ce_tail_from_a_metrics_file(tmp_path):
   assert out["train_ce_last_quarter"] == [pytest.approx(ys[(xs > 6) & (xs <= 7)].mean()),
                                           pytest.approx(ys[xs > 7].mean())]
   assert ablation.train_ce_tail(str(tmp_path / "none")) == {}
+
+
+def test_train_seconds_from_a_resumed_metrics_file(tmp_path):
+  """Each logged interval's images over its images/s; a resumed run's repeated steps
+  count once (the last record), and other stages and epoch records are not counted."""
+  from lns_jax import reporting
+  from lns_jax import workdir as workdir_lib
+  run = str(tmp_path / "run")
+  os.makedirs(run)
+  with open(workdir_lib.path(run, workdir_lib.CONFIG), "w") as f:
+    json.dump({"batch_size": 4}, f)
+  rec = lambda stage, step, ips: {"kind": reporting.TRAIN, "stage": stage,  # noqa: E731
+                                  "step": step, "epoch": step / 10, "ce": 1.0,
+                                  "images_per_sec": ips}
+  lines = [rec("pretrain", 10, 8.0), rec("pretrain", 20, 4.0),
+           rec("pretrain", 20, 2.0),  # killed after step 20 and resumed: this one stands
+           {"kind": reporting.EPOCH, "stage": "pretrain", "step": 20, "epoch": 2.0},
+           rec("pretrain", 25, 5.0), rec("finetune", 10, 1.0)]
+  with open(workdir_lib.path(run, workdir_lib.METRICS), "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in lines))
+  # 10 steps of 4 images at 8/s, 10 at 2/s, 5 at 5/s.
+  assert ablation.train_seconds(run) == pytest.approx(40 / 8 + 40 / 2 + 20 / 5)
+  assert ablation.train_seconds(run, "finetune") == pytest.approx(40.0)
+  assert ablation.train_seconds(run, "lns") is None
+  assert ablation.train_seconds(str(tmp_path / "none")) is None
 
 
 @pytest.mark.parametrize("flags,expect", [
@@ -171,6 +200,7 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
     one = json.loads((root / name / "ablation.json").read_text())
     assert (res["baseline"], res["variants"]) == (one["baseline"], one["variants"])
     assert 0 < res["baseline"]["test_top1"] <= 1 and res["baseline"]["train_ce_final"] > 0
+    assert 0 < res["baseline"]["train_hours"] < 1
     assert [len(res["variants"][v]) for v in ("finetune", "finetune_matched")] == [0, 1]
     assert (root / name / "baseline.png").stat().st_size > 1000
   assert saved["adam12"]["pretrain"]["optimizer"] == "adam"

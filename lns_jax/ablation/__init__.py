@@ -53,7 +53,8 @@ from lns_jax.ablation.plan import (BASELINE, BASELINE_FIELDS, EXTRA_ROWS, FAILED
                                    baseline_names,
                                    check_baseline_dir, check_run_dir, names, parse_floats,
                                    plan, run_config, select, with_baseline)
-from lns_jax.ablation.report import collect, run_record, table, train_ce_tail, write_report
+from lns_jax.ablation.report import (collect, run_record, table, train_ce_tail,
+                                     train_seconds, write_report)
 from lns_jax.ablation.runner import Ablation, run_ablation
 from lns_jax.ablation.strength import run_strength
 
@@ -62,5 +63,6 @@ __all__ = [
     "baseline_config", "baseline_epochs", "baseline_names", "check_baseline_dir",
     "check_run_dir", "collect",
     "names", "parse_floats", "plan", "run_ablation", "run_config", "run_record",
-    "run_strength", "select", "table", "train_ce_tail", "with_baseline", "write_report",
+    "run_strength", "select", "table", "train_ce_tail", "train_seconds", "with_baseline",
+    "write_report",
 ]

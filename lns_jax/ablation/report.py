@@ -14,6 +14,7 @@ from typing import List, Optional
 import numpy as np
 
 from lns_jax import reporting
+from lns_jax import workdir as workdir_lib
 from lns_jax.ablation.plan import BASELINE, FAILED, Run
 
 
@@ -82,6 +83,28 @@ def train_ce_tail(workdir: str, stage: str = "pretrain") -> dict:
   return out
 
 
+def train_seconds(workdir: str, stage: str = "pretrain") -> Optional[float]:
+  """Seconds the stage spent in its train steps: each logged interval's images over its
+  measured images/s, summed (compiles, restarts and the time of an interval a kill cut
+  are not counted; eval time inside an interval is). The machine's load is in it: a
+  shared machine's intervals are slower. None without records."""
+  try:
+    records = reporting.read_metrics(workdir)
+    batch_size = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.CONFIG))[
+        "batch_size"]
+  except (FileNotFoundError, KeyError):
+    return None
+  by_step = {r["step"]: r for r in records if r.get("stage") == stage
+             and r.get("kind") == reporting.TRAIN and r.get("images_per_sec")}
+  if not by_step:
+    return None
+  steps = sorted(by_step)
+  # A resumed run repeats the steps after its checkpoint: the last record of a step
+  # stands, and an interval covers the steps since the previous step logged.
+  return float(sum((s - prev) * batch_size / by_step[s]["images_per_sec"]
+                   for prev, s in zip([0] + steps[:-1], steps)))
+
+
 def collect(root: str, runs: List[Run], baseline: str = "") -> dict:
   """The ``ablation.json`` content from the runs' workdirs (finished runs only)."""
   out = {"baseline": {}, "variants": {}}
@@ -92,7 +115,11 @@ def collect(root: str, runs: List[Run], baseline: str = "") -> dict:
     out["baseline"] = {"test_top1": b["test"]["top1"], "test_top5": b["test"]["top5"]}
     if "validation" in b:
       out["baseline"]["val_top1"] = b["validation"]["top1"]
-    out["baseline"].update(train_ce_tail(os.path.dirname(os.path.dirname(bres))))
+    bdir = os.path.dirname(os.path.dirname(bres))
+    out["baseline"].update(train_ce_tail(bdir))
+    secs = train_seconds(bdir)
+    if secs is not None:
+      out["baseline"]["train_hours"] = secs / 3600
   for run in runs:
     out["variants"].setdefault(run.variant, [])
     rec = run_record(run, run.workdir(root))

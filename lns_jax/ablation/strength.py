@@ -135,18 +135,24 @@ def _pm(values: List[float]) -> str:
 
 
 def table(strength: dict) -> str:
-  """One row per baseline: its recipe, test/val top-1, final train cross-entropy, and
-  each variant's test top-1 gain over it in points (mean ± sample std over seeds)."""
+  """One row per baseline: its recipe, its train steps' time, test/val top-1, final train
+  cross-entropy and its means over the two halves of the last quarter (flat when
+  converged), and each variant's test top-1 gain over it in points (mean ± sample std
+  over seeds)."""
   variants = list(dict.fromkeys(v for res in strength.values() for v in res["variants"]))
-  head = ["baseline", "recipe", "test top-1", "val top-1", "train CE (end)", *variants]
+  head = ["baseline", "recipe", "train time", "test top-1", "val top-1", "train CE (end)",
+          "train CE, last quarter", *variants]
   rows = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
   for name, res in strength.items():
     b = res.get("baseline", {})
     pct = lambda k: f"{100 * b[k]:.2f}" if k in b else "-"  # noqa: E731
     ce = f"{b['train_ce_final']:.3f}" if "train_ce_final" in b else "-"
+    quarter = ("{:.3f} → {:.3f}".format(*b["train_ce_last_quarter"])
+               if "train_ce_last_quarter" in b else "-")
+    hours = f"{b['train_hours']:.1f} h" if "train_hours" in b else "-"
     g = gains(res)
-    rows.append("| " + " | ".join([name, res.get("recipe", ""), pct("test_top1"),
-                                    pct("val_top1"), ce] +
+    rows.append("| " + " | ".join([name, res.get("recipe", ""), hours, pct("test_top1"),
+                                    pct("val_top1"), ce, quarter] +
                                    [_pm(g.get(v, [])) for v in variants]) + " |")
   return "\n".join(rows)
 
