@@ -1,0 +1,28 @@
+#!/bin/bash
+# Issue 32, item 6: ReActNet on real Fashion-MNIST (configs/fashion_mnist_reactnet.py:val),
+# from the checkout's root, after issue 30's runs (results/fmnist_r20_strength/run.sh) have
+# the cores. The baseline (teacher, step 1, step 2 in DIR/baseline) is trained once; then
+# finetune, lns_alpha0 and lns, 3 seeds, every variant distilling from DIR/baseline/teacher.
+# Every command resumes where it stopped: a finished run is skipped, an interrupted one
+# resumes from its newest checkpoint. The workdir lives outside the checkout:
+#   LNS_REACTNET_DIR (default ~/lns_runs/reactnet).
+set -e
+W=${LNS_REACTNET_DIR:-$HOME/lns_runs/reactnet}
+A=".venv/bin/python -m lns_jax.ablation --config=configs/fashion_mnist_reactnet.py:val --workdir=$W"
+if [ "$1" != "report" ]; then
+  $A --seeds=1   # seed 0 of every row first: the first picture
+  $A --seeds=3
+fi
+$A --seeds=3 --report_only
+H=results/fmnist_reactnet
+for f in ablation.md ablation.json baseline.png fig3.png; do
+  [ -f "$W/$f" ] && cp "$W/$f" "$H/"
+done
+# The deployed size: step 2's baseline and seed 0 of lns_alpha0 through LCE.
+for run in baseline:pretrain lns_alpha0/seed0:lns; do
+  dir=$W/${run%%:*}; stage=${run##*:}; name=$(echo "${run%%:*}" | tr / _)
+  [ -f "$dir/$stage/result.json" ] || continue
+  .venv/bin/python -m lns_jax.export --workdir="$dir" --stage="$stage" --out="$W/$name.npz"
+  .venv/bin/python -m lns_jax.deploy --export="$W/$name.npz" --out="$W/$name.tflite" \
+    | tee "$H/${name}_deploy.txt"
+done
