@@ -18,6 +18,8 @@ H=results/fmnist_reactnet
 for f in ablation.md ablation.json baseline.png fig3.png; do
   [ -f "$W/$f" ] && cp "$W/$f" "$H/"
 done
+# The teacher's, step 1's and step 2's test top-1 (the baseline's own stage table).
+[ -f "$W/baseline/results.md" ] && cp "$W/baseline/results.md" "$H/baseline_stages.md"
 # The deployed size: step 2's baseline and seed 0 of lns_alpha0 through LCE.
 for run in baseline:pretrain lns_alpha0/seed0:lns; do
   dir=$W/${run%%:*}; stage=${run##*:}; name=$(echo "${run%%:*}" | tr / _)
