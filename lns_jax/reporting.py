@@ -89,11 +89,12 @@ def curves(records: List[dict]) -> Dict[str, Dict[str, tuple]]:
           for s, d in out.items()}
 
 
-def epoch_records(workdir: str, stage: str) -> List[dict]:
-  """``stage``'s epoch records in step order (a resumed run's repeats: the last)."""
+def epoch_records(workdir: str, stage: str, kind: str = EPOCH) -> List[dict]:
+  """``stage``'s records of ``kind`` (epoch records by default, or :data:`TRAIN`) in step
+  order (a resumed run's repeats: the last)."""
   by_step = {}
   for r in read_metrics(workdir):
-    if r.get("stage") == stage and r.get("kind") == EPOCH:
+    if r.get("stage") == stage and r.get("kind") == kind:
       by_step[r["step"]] = r
   return [by_step[k] for k in sorted(by_step)]
 

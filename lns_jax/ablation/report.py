@@ -89,20 +89,19 @@ def train_seconds(workdir: str, stage: str = "pretrain") -> Optional[float]:
   are not counted; eval time inside an interval is). The machine's load is in it: a
   shared machine's intervals are slower. None without records."""
   try:
-    records = reporting.read_metrics(workdir)
+    records = [r for r in reporting.epoch_records(workdir, stage, reporting.TRAIN)
+               if r.get("images_per_sec")]
     batch_size = workdir_lib.read_json(workdir_lib.path(workdir, workdir_lib.CONFIG))[
         "batch_size"]
   except (FileNotFoundError, KeyError):
     return None
-  by_step = {r["step"]: r for r in records if r.get("stage") == stage
-             and r.get("kind") == reporting.TRAIN and r.get("images_per_sec")}
-  if not by_step:
+  if not records:
     return None
-  steps = sorted(by_step)
   # A resumed run repeats the steps after its checkpoint: the last record of a step
   # stands, and an interval covers the steps since the previous step logged.
-  return float(sum((s - prev) * batch_size / by_step[s]["images_per_sec"]
-                   for prev, s in zip([0] + steps[:-1], steps)))
+  steps = [0] + [r["step"] for r in records]
+  return float(sum((s - prev) * batch_size / r["images_per_sec"]
+                   for prev, s, r in zip(steps, steps[1:], records)))
 
 
 def collect(root: str, runs: List[Run], baseline: str = "") -> dict:
