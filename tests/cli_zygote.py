@@ -63,6 +63,9 @@ def _child(request, out, err, dump):
     try:
       if entry.endswith(".py"):
         sys.argv = [entry, *request["args"]]
+        # As `python path/x.py` does: x.py's folder first on sys.path (benchmarks/mapping.py
+        # imports benchmarks/train_step.py).
+        sys.path.insert(0, os.path.dirname(os.path.join(ROOT, entry)))
         runpy.run_path(os.path.join(ROOT, entry), run_name="__main__")
       else:
         sys.argv = [entry, *request["args"]]

@@ -1,7 +1,10 @@
 """Shared helpers for the end-to-end tests."""
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -89,3 +92,25 @@ def write_cifar10_archive(manual_dir, per_batch, n_test, seed=0):
       info.size = len(blob)
       tar.addfile(info, io.BytesIO(blob))
   return np.concatenate(train_im), np.concatenate(train_lb), test_im, test_lb
+
+
+class Zygote:
+  """A warm process that runs entry points with argv (see tests/cli_zygote.py)."""
+
+  def __init__(self):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "cli_zygote.py")],
+                                 cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+
+  def run(self, entry, *args, stop_after_validation=False, timeout=120):
+    request = {"entry": entry, "args": list(args), "timeout": timeout,
+               "stop_after_validation": stop_after_validation}
+    self.proc.stdin.write(json.dumps(request) + "\n")
+    self.proc.stdin.flush()
+    return json.loads(self.proc.stdout.readline())
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait(timeout=60)

@@ -211,30 +211,27 @@ def test_reused_baseline_dir_from_another_config_is_refused(tmp_path):
   ablation.check_baseline_dir(ablation.baseline_config(other), str(base))  # same: fine
 
 
+# (--seeds=0, --alphas=0,x and --rhos=-1 are rows of test_cli.py's BAD_CASES.)
 @pytest.mark.parametrize("flags,expect", [
-    (["--seeds=0"], "seeds"),
-    (["--alphas=0,x"], "--alphas"),
-    (["--rhos=-1"], "--rhos"),
     (["--variants=lns_alpha7"], "--variants: lns_alpha7 not in this ablation's plan"),
     (["--config.rho=0.7"], "config.rho"),
     (["--baseline=/nonexistent/pretrain"], "--baseline=/nonexistent/pretrain: no readable"),
 ])
-def test_cli_bad_input_one_line(tmp_path, flags, expect):
-  cmd = [sys.executable, "-m", "lns_jax.ablation",
-         "--config=" + os.path.join(ROOT, "configs", "fashion_mnist_r20.py") + ":smoke,val",
-         f"--workdir={tmp_path / 'w'}", *flags]
-  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert p.returncode == 2, p.stderr
-  err = [line for line in p.stderr.splitlines() if line.strip()]
-  assert "Traceback" not in p.stderr
-  assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], p.stderr
+def test_cli_bad_input_one_line(cli, tmp_path, flags, expect):
+  r = cli.run("lns_jax.ablation",
+              "--config=" + os.path.join(ROOT, "configs", "fashion_mnist_r20.py") + ":smoke,val",
+              f"--workdir={tmp_path / 'w'}", *flags)
+  assert r["rc"] == 2, r["stderr"]
+  err = [line for line in r["stderr"].splitlines() if line.strip()]
+  assert "Traceback" not in r["stderr"] + r["stdout"]
+  assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], r["stderr"]
   assert not (tmp_path / "w").exists()  # nothing written
 
 
-def test_plots_cli_bad_workdir_is_one_line_exit_2(tmp_path):
-  p = subprocess.run([sys.executable, "-m", "lns_jax.plots", f"--workdir={tmp_path / 'none'}"],
-                     capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "metrics.jsonl" in p.stderr
+def test_plots_cli_bad_workdir_is_one_line_exit_2(cli, tmp_path):
+  r = cli.run("lns_jax.plots", f"--workdir={tmp_path / 'none'}")
+  assert r["rc"] == 2 and r["stderr"].strip().startswith("error:"), r
+  assert "metrics.jsonl" in r["stderr"] and len(r["stderr"].strip().splitlines()) == 1, r
 
 
 def test_sweep_points_and_figures_from_ablation_json(tmp_path):

@@ -1,7 +1,7 @@
 """What a user types: every README (and docs/) command works as typed, every bad input is one line.
 
-The command lines run through ``tests/cli_zygote.py``: one process imports TensorFlow
-and JAX once and forks a child per command line, which runs the entry point
+The command lines run through ``tests/cli_zygote.py`` (the ``cli`` fixture of
+conftest.py): one process imports TensorFlow and JAX once and forks a child per command line, which runs the entry point
 (``train.py``, ``python -m lns_jax.summary`` ...) as ``__main__`` with that argv. A few
 command lines also run as real subprocesses, to show that nothing depends on the
 zygote.
@@ -33,35 +33,6 @@ SMOKE = "configs/fashion_mnist_r20.py:smoke"
 DOC_FILES = ["README.md"] + sorted(os.path.relpath(p, ROOT)
                                    for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 README = "\n".join(open(os.path.join(ROOT, f)).read() for f in DOC_FILES)
-
-
-class Zygote:
-  """A warm process that runs entry points with argv (see tests/cli_zygote.py)."""
-
-  def __init__(self):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "cli_zygote.py")],
-                                 cwd=ROOT, env=env, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert json.loads(self.proc.stdout.readline()) == {"ready": True}
-
-  def run(self, entry, *args, stop_after_validation=False, timeout=120):
-    request = {"entry": entry, "args": list(args), "timeout": timeout,
-               "stop_after_validation": stop_after_validation}
-    self.proc.stdin.write(json.dumps(request) + "\n")
-    self.proc.stdin.flush()
-    return json.loads(self.proc.stdout.readline())
-
-  def close(self):
-    self.proc.stdin.close()
-    self.proc.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def cli():
-  z = Zygote()
-  yield z
-  z.close()
 
 
 def assert_one_error_line(r, *expected):
@@ -395,6 +366,12 @@ def test_readme_commands_run_at_smoke_size(cli, tmp_path):
   export = _argv(find("-m lns_jax.export"), tmp_path)
   r = cli.run(export[1], *export[2:])
   assert r["rc"] == 0 and os.path.exists(tmp_path / "fmnist.npz"), r
+  from lns_jax import export as export_lib
+  header = export_lib.read_file(str(tmp_path / "fmnist.npz"))[0]
+  assert header["source"]["stage"] == "lns" and "(stage lns," in r["stdout"], r
+  # The size it prints is the one lns_jax.summary computes, stored in the file's header.
+  assert "summary memory:  " in r["stdout"], r
+  assert f"{header['summary']['memory_mbit']:.4f} Mbit" in r["stdout"], r
   infer = _argv(find("-m lns_jax.inference"), tmp_path)
   r = cli.run(infer[1], *infer[2:])
   assert r["rc"] == 0 and "test: top-1" in r["stdout"], r
@@ -425,7 +402,8 @@ def test_full_disk_for_real_fails_at_a_save_then_resumes(tmp_path):
   try:
     workdir = disk / "run"
     cmd = [sys.executable, "train.py", *SMOKE_FLAGS, "--config.stages=pretrain",
-           "--config.pretrain.epochs=1", "--config.data.eval_examples=32",
+           # full_run's pretrain (2 epochs): its train step is a compile-cache hit.
+           "--config.pretrain.epochs=2", "--config.data.eval_examples=32",
            f"--workdir={workdir}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -2,7 +2,6 @@
 change in the compiled program, the fallback when a jaxlib refuses them, and
 benchmarks/train_step.py --cpu_options as typed."""
 
-import os
 import subprocess
 import sys
 
@@ -134,12 +133,11 @@ def test_train_step_benchmark_prints_a_row_per_option_set_and_dtype():
     ("--peak_tflops=fp8=1", "--peak_tflops takes a number or dtype=number pairs, got 'fp8=1'."),
     ("--mapping_conv=xla,winograd", "--mapping_conv takes xla, winograd, auto, got "
                                     "'xla,winograd'.")])
-def test_train_step_benchmark_refuses_bad_flags_with_one_line(flag, message):
-  r = subprocess.run(BENCH + ["--steps=0", flag], cwd=ROOT, capture_output=True, text=True,
-                     timeout=300)
-  assert r.returncode != 0
-  assert r.stderr.strip() == message
-  assert "| resnet20" not in r.stdout
+def test_train_step_benchmark_refuses_bad_flags_with_one_line(cli, flag, message):
+  r = cli.run(*BENCH[1:], "--steps=0", flag)
+  assert r["rc"] != 0
+  assert r["stderr"].strip() == message
+  assert "| resnet20" not in r["stdout"]
 
 
 # benchmarks/mapping.py: f_theta alone, XLA's conv against Winograd (config.mapping.conv).
@@ -170,7 +168,6 @@ def test_mapping_benchmark_one_layer_per_channel_count():
     ("--model=vgg", "--model takes resnet20, resnet18, got 'vgg'."),
     ("--steps=0", "--steps must be at least 1, got 0."),
     ("--channels=64,x", "--channels takes positive integers, got '64,x'.")])
-def test_mapping_benchmark_refuses_bad_flags_with_one_line(flag, message):
-  r = subprocess.run([sys.executable, "benchmarks/mapping.py", flag], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300)
-  assert r.returncode != 0 and r.stderr.strip() == message
+def test_mapping_benchmark_refuses_bad_flags_with_one_line(cli, flag, message):
+  r = cli.run("benchmarks/mapping.py", flag)
+  assert r["rc"] != 0 and r["stderr"].strip() == message

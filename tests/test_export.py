@@ -196,31 +196,6 @@ def test_mismatched_config_or_model(run, exported, tmp_path):
     export.export(workdir, str(tmp_path / "x.npz"), stage="finetune")
 
 
-def test_cli(run, exported, tmp_path):
-  """python -m lns_jax.export reports the sizes; python -m lns_jax.inference fails cleanly.
-
-  (Inference's evaluation itself is ``inference.evaluate``, tested above; running it in a
-  subprocess again would only add compile time.)
-  """
-  cfg, workdir = run
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one device is enough
-  out = tmp_path / "cli.npz"
-  r = subprocess.run([sys.executable, "-m", "lns_jax.export", f"--workdir={workdir}",
-                      f"--out={out}", "--stage=pretrain"], cwd=REPO, env=env,
-                     capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert "stage pretrain" in r.stdout and "summary memory" in r.stdout
-  assert f"{exported['pretrain']['summary_memory_mbit']:.4f} Mbit" in r.stdout
-  assert out.read_bytes() != b"" and export.read_file(str(out))[0]["source"]["stage"] == "pretrain"
-  bad = tmp_path / "bad.npz"
-  bad.write_bytes(out.read_bytes()[:1000])
-  r = subprocess.run([sys.executable, "-m", "lns_jax.inference", f"--export={bad}"],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 2, r.stderr[-2000:]
-  assert "damaged or truncated" in r.stderr and "Traceback" not in r.stderr
-
-
 def test_header_records_lns_jax_version_and_config(run, exported):
   """The export says where it came from: the lns-jax that wrote it and the run's config."""
   import tomllib

@@ -72,19 +72,22 @@ def test_sigterm_then_kill9_then_resume_matches_uninterrupted(full_run, tmp_path
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(full_run, tmp_path, capsys):
   reference, _ = full_run
   workdir = str(tmp_path / "run")
-  trainer.train(smoke_config(stages="pretrain"), workdir, stop_at=("pretrain", 6))
+  # Stopped at step 7 (4-step epochs, a checkpoint every 3 steps and at each epoch's end):
+  # 4, 6 and 7 are kept, and the fallback from a damaged 7 resumes in the middle of an
+  # epoch (step 6 = epoch 1, batch 2), the data order replayed from there.
+  trainer.train(smoke_config(stages="pretrain"), workdir, stop_at=("pretrain", 7))
   ckdir = os.path.join(workdir, "pretrain", "checkpoints")
-  assert _steps(ckdir)[-1] == 6
-  for root, _, files in os.walk(os.path.join(ckdir, "6", "state")):
+  assert _steps(ckdir)[-2:] == [6, 7]
+  for root, _, files in os.walk(os.path.join(ckdir, "7", "state")):
     for f in files:  # damage every file of the newest checkpoint
       with open(os.path.join(root, f), "r+b") as fh:
         fh.truncate(max(0, os.path.getsize(os.path.join(root, f)) // 3))
   capsys.readouterr()
   trainer.train(smoke_config(stages="pretrain"), workdir)
   out = capsys.readouterr().out
-  assert "checkpoint" in out and "/6 is damaged and was skipped" in out
-  assert "resuming from step 4" in out
-  assert any(d.startswith("damaged-6") for d in os.listdir(ckdir))  # kept aside, not deleted
+  assert "checkpoint" in out and "/7 is damaged and was skipped" in out
+  assert "resuming from step 6" in out
+  assert any(d.startswith("damaged-7") for d in os.listdir(ckdir))  # kept aside, not deleted
   assert_same_variables(ckpt_lib.load_variables(os.path.join(reference, "pretrain")),
                         ckpt_lib.load_variables(os.path.join(workdir, "pretrain")))
 
