@@ -13,9 +13,7 @@ logits agree to float32 rounding: ``atol = 1e-4 + 1e-5 * max|logit|`` (measured 
 """
 
 import ast
-import json
 import os
-import re
 import subprocess
 import sys
 
@@ -68,8 +66,9 @@ def random_export(name, path, seed=0):
   assert cfg.model.name == name
   info = data.get_info(cfg.data)
   model = models.from_config(cfg, "pretrain", info.num_classes)
-  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *info.image_shape)),
-                         train=False)
+  # Only the shapes: every value is drawn below (no XLA compile of the init).
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(seed),
+                                                jnp.zeros((1, *info.image_shape)), train=False))
   rng = np.random.RandomState(seed)
   draw = {"var": lambda s: rng.uniform(0.5, 2.0, s), "mean": lambda s: rng.normal(0, 0.3, s),
           "scale": lambda s: rng.uniform(0.5, 1.5, s), "bias": lambda s: rng.normal(0, 0.3, s),
@@ -77,7 +76,7 @@ def random_export(name, path, seed=0):
           "gamma": lambda s: rng.normal(0, 0.3, s), "zeta": lambda s: rng.normal(0, 0.3, s)}
   out = {}
   for col, tree in variables.items():
-    flat = traverse_util.flatten_dict(jax.device_get(tree))
+    flat = traverse_util.flatten_dict(tree)
     out[col] = traverse_util.unflatten_dict({
         k: np.asarray(draw.get(k[-1], lambda s: rng.normal(0, 0.1, s))(a.shape), np.float32)
         for k, a in flat.items()})
@@ -119,16 +118,9 @@ def test_converter_matches_lns_jax():
   assert not imports & {"jax", "flax", "lns_jax"}, imports
 
 
-@needs_lce
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_every_binary_conv_is_an_lce_bconv_and_logits_match(name, tmp_path):
-  info = random_export(name, tmp_path / "m.npz")
-  header, _ = export.read_file(str(tmp_path / "m.npz"))
+def _assert_ops(ops, header):
+  """Every binary conv an LceBconv2d; LCE's ops only the binary ones."""
   n_binary = len(header["binary_layers"])
-  report = deploy.convert(str(tmp_path / "m.npz"), str(tmp_path / "m.tflite"))
-  ops = deploy.op_counts(str(tmp_path / "m.tflite"))  # from the flatbuffer's operator codes
-  assert ops == report["ops"]
   assert ops["LceBconv2d"] == n_binary > 0, ops
   assert ops["LceQuantize"] <= n_binary
   # Full-precision layers are TFLite builtins; LCE's ops are only the binary ones.
@@ -136,6 +128,19 @@ def test_every_binary_conv_is_an_lce_bconv_and_logits_match(name, tmp_path):
   assert ops.get("CONV_2D", 0) == sum(1 for k in header["arrays"]
                                       if k.startswith("params/") and k.endswith("/kernel")
                                       and "/head/" not in k and "/fc8/" not in k)
+
+
+# resnet_tiny is converted trained, in test_fashion_mnist_end_to_end.
+@needs_lce
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(MODELS) - {"resnet_tiny"}))
+def test_every_binary_conv_is_an_lce_bconv_and_logits_match(name, tmp_path):
+  info = random_export(name, tmp_path / "m.npz")
+  header, _ = export.read_file(str(tmp_path / "m.npz"))
+  report = deploy.convert(str(tmp_path / "m.npz"), str(tmp_path / "m.tflite"))
+  ops = deploy.op_counts(str(tmp_path / "m.tflite"))  # from the flatbuffer's operator codes
+  assert ops == report["ops"]
+  _assert_ops(ops, header)
   images = np.random.RandomState(1).normal(0, 1, (6, *info.image_shape)).astype(np.float32)
   want = np.asarray(inference.predict(inference.load(str(tmp_path / "m.npz")), images))
   for runtime in ("lce", "lce_ref"):
@@ -148,7 +153,8 @@ def test_every_binary_conv_is_an_lce_bconv_and_logits_match(name, tmp_path):
 @needs_lce
 @pytest.mark.slow
 def test_fashion_mnist_end_to_end(full_run, tmp_path):
-  """The session's smoke run: export, CLI conversion, same top-1 on its test images."""
+  """The session's smoke run (resnet_tiny, trained): export, CLI conversion, every binary
+  conv an LceBconv2d, the same logits on its test images through both LCE kernels."""
   from lns_testutil import smoke_config
   workdir, _ = full_run
   cfg = smoke_config()
@@ -160,18 +166,21 @@ def test_fashion_mnist_end_to_end(full_run, tmp_path):
   n = len(header["binary_layers"])
   assert f"{n} LceBconv2d ops for the export's {n} binary convs" in r.stdout, r.stdout
   assert "summary memory" in r.stdout and fb.stat().st_size > 0
+  _assert_ops(deploy.op_counts(str(fb)), header)
   model = inference.load(str(npz))
   images = np.concatenate([b["image"] for b in data.eval_iterator(cfg.data, "test",
                                                                   batch_size=cfg.batch_size)])
   want = np.asarray(inference.predict(model, images, use_packed=True))
-  got, _ = deploy.run(str(fb), images)
-  np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 + 1e-5 * np.abs(want).max())
+  for runtime in ("lce", "lce_ref"):
+    got, _ = deploy.run(str(fb), images, runtime=runtime)
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1), err_msg=runtime)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 + 1e-5 * np.abs(want).max(),
+                               err_msg=runtime)
 
 
 @needs_lce
 @pytest.mark.slow
-def test_bad_input_is_one_error_line_and_nothing_written(tmp_path):
+def test_bad_input_is_one_error_line_and_nothing_written(cli, tmp_path):
   src = tmp_path / "m.npz"
   random_export("resnet_tiny", src)
   header, members = export.read_file(str(src))
@@ -183,11 +192,21 @@ def test_bad_input_is_one_error_line_and_nothing_written(tmp_path):
   other = tmp_path / "vgg.npz"
   export.write_file(str(other), {**header, "model": {**header["model"], "name": "vgg16"}},
                     members)
-  for path, message in ((truncated, "damaged or truncated"), (newer, "export format 2.0"),
-                        (other, "'vgg16' is not supported"),
-                        (tmp_path / "missing.npz", "no such export file")):
+  # The first as typed, in a fresh interpreter; the others through conftest's zygote.
+  for i, (path, message) in enumerate(((truncated, "damaged or truncated"),
+                                       (newer, "export format 2.0"),
+                                       (other, "'vgg16' is not supported"),
+                                       (tmp_path / "missing.npz", "no such export file"))):
     out = tmp_path / f"{path.stem}.tflite"
-    line = _one_error_line(_cli([f"--export={path}", f"--out={out}"]))
+    args = [f"--export={path}", f"--out={out}"]
+    if i == 0:
+      line = _one_error_line(_cli(args))
+    else:
+      r = cli.run("lns_jax.deploy", *args)
+      lines = [l for l in r["stderr"].splitlines() if l.strip()]
+      assert r["rc"] == 2 and len(lines) == 1, r
+      line = lines[0]
+      assert line.startswith("error: "), line
     assert message in line and "Traceback" not in line, line
     assert not out.exists() and not list(tmp_path.glob("*.tflite*")), line
 
