@@ -105,6 +105,28 @@ def test_strength_table_and_figure_from_hand_built_records(tmp_path):
   assert plots.strength_figure(str(tmp_path / "none.png"), {}) is None
 
 
+def test_convergence_lines_pair_a_recipe_with_itself_at_twice_the_epochs():
+  sgd = lambda epochs, decay: dict(optimizer="", epochs=epochs, lr=0.1,  # noqa: E731
+                                   schedule="piecewise", decay_epochs=decay, decay_factor=0.1)
+  records = {"sgd24": _res(0.8861, 0.30), "sgd48": _res(0.8866, 0.29),
+             "sgd12": _res(0.8289, 0.45), "adam12": _res(0.8994, 0.27)}
+  records["sgd24"].update(pretrain=sgd(24.0, [12.0, 18.0]))
+  records["sgd24"]["baseline"]["train_ce_last_quarter"] = [0.30, 0.297]
+  records["sgd48"].update(pretrain=sgd(48.0, [24.0, 36.0]))
+  records["sgd12"].update(pretrain=sgd(12.0, [6.0, 9.0]))
+  # adam12 at twice sgd12's epochs, and sgd12 at another lr: neither pairs.
+  records["adam12"].update(pretrain={**sgd(24.0, [12.0, 18.0]), "optimizer": "adam"})
+  lines = strength.convergence(records)
+  assert lines == [
+      "- `sgd24` against `sgd48` (its recipe at twice the epochs): test top-1 88.61 → 88.66 "
+      "(+0.05), within 1 point; its train CE over the last quarter 0.300 → 0.297 (-1.0%).",
+      "- `sgd12` against `sgd24` (its recipe at twice the epochs): test top-1 82.89 → 88.61 "
+      "(+5.72), not within 1 point."]
+  records["sgd24"]["pretrain"]["decay_epochs"] = [12.0, 20.0]  # not sgd12's points scaled
+  assert len(strength.convergence(records)) == 0
+  assert strength.convergence({"sgd24": records["sgd24"], "x": {"baseline": {}}}) == []
+
+
 def test_train_ce_tail_from_a_metrics_file(tmp_path):
   from lns_jax import reporting
   from lns_jax import workdir as workdir_lib
@@ -221,6 +243,8 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   assert not any(again["adam24"]["variants"].values())
   tops = [r["baseline"]["test_top1"] for r in again.values()]
   assert tops == sorted(tops)
+  assert "- `adam12` against `adam24` (its recipe at twice the epochs)" in (
+      root / "strength.md").read_text()
   # --report_only: the report of what is finished, for every baseline; nothing trains,
   # not even a baseline that was never pretrained (sgd24).
   (root / "strength.md").unlink()

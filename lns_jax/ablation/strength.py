@@ -157,6 +157,40 @@ def table(strength: dict) -> str:
   return "\n".join(rows)
 
 
+def _doubled(short: dict, long: dict) -> bool:
+  """Whether pretraining recipe ``long`` is ``short`` at twice the epochs (its decay
+  points scaled), everything else the same."""
+  scaled = {"epochs", "decay_epochs", "warmup_epochs"}
+  if set(short) != set(long) or any(short[k] != long[k] for k in set(short) - scaled):
+    return False
+  twice = lambda v: [2 * x for x in v] if isinstance(v, list) else 2 * v  # noqa: E731
+  return all(long.get(k) == twice(short[k]) for k in scaled & set(short)
+             if short[k] is not None)
+
+
+def convergence(strength: dict) -> List[str]:
+  """Issue 30's check of convergence, one line per baseline whose recipe at twice the
+  epochs is also in the workdir (both pretrained): its test top-1 against that recipe's
+  (converged when within 1 point) and its training cross-entropy over the two halves of
+  its last quarter (flat when converged)."""
+  lines = []
+  for name, res in strength.items():
+    b = res.get("baseline", {})
+    for other, res2 in strength.items():
+      b2 = res2.get("baseline", {})
+      if (other == name or "test_top1" not in b or "test_top1" not in b2 or
+          not _doubled(res.get("pretrain", {}), res2.get("pretrain", {}))):
+        continue
+      diff = 100 * (b2["test_top1"] - b["test_top1"])
+      ce = b.get("train_ce_last_quarter")
+      flat = (f"; its train CE over the last quarter {ce[0]:.3f} → {ce[1]:.3f} "
+              f"({100 * (ce[1] - ce[0]) / ce[0]:+.1f}%)" if ce else "")
+      lines.append(f"- `{name}` against `{other}` (its recipe at twice the epochs): test top-1 "
+                   f"{100 * b['test_top1']:.2f} → {100 * b2['test_top1']:.2f} ({diff:+.2f}), "
+                   f"{'within' if abs(diff) <= 1 else 'not within'} 1 point{flat}.")
+  return lines
+
+
 def write_report(root: str, abls: Dict[str, Ablation], config_arg: str = "") -> dict:
   """Writes ``strength.json``, ``strength.md`` and ``strength.png``."""
   from lns_jax import parallel, plots
@@ -173,6 +207,11 @@ def write_report(root: str, abls: Dict[str, Ablation], config_arg: str = "") -> 
              f"full Table 1: `<name>/ablation.md`.", "", tab, ""]
     if fig:
       lines += [f"![{os.path.basename(fig)}]({os.path.basename(fig)})", ""]
+    check = convergence(strength)
+    if check:
+      lines += ["Convergence (a baseline is converged when the same recipe at twice the "
+                "epochs gains at most 1 point and its training cross-entropy is flat):", "",
+                *check, ""]
     with open(os.path.join(root, "strength.md"), "w") as f:
       f.write("\n".join(lines))
   return {"results": strength, "table": tab}
