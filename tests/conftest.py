@@ -83,7 +83,7 @@ def cli():
   worker, started on first use: a command line that fails at its flags costs 0.3 s
   through it instead of the 3 s of a fresh interpreter importing TensorFlow and JAX.
   Tests about processes themselves (signals, supervisors, no TensorFlow) use real
-  subprocesses; so does one bad-input test per entry point."""
+  subprocesses; so do one bad input of train.py (test_cli) and of lns_jax.deploy."""
   from lns_testutil import Zygote
   z = Zygote()
   yield z

@@ -94,6 +94,18 @@ def write_cifar10_archive(manual_dir, per_batch, n_test, seed=0):
   return np.concatenate(train_im), np.concatenate(train_lb), test_im, test_lb
 
 
+def assert_one_error_line(r, *expected):
+  """Exit code 2, stderr exactly one line ``error: ...`` holding ``expected``
+  (a reply of :class:`Zygote`)."""
+  text = r["stdout"] + r["stderr"]
+  assert "Traceback" not in text, text
+  lines = r["stderr"].strip().splitlines()
+  assert r["rc"] == 2 and len(lines) == 1 and lines[0].startswith("error: "), r
+  for e in expected:
+    assert e in lines[0], (e, lines[0])
+  return lines[0]
+
+
 class Zygote:
   """A warm process that runs entry points with argv (see tests/cli_zygote.py)."""
 

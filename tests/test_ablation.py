@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lns_jax import ablation
-from lns_testutil import ROOT, smoke_config
+from lns_testutil import ROOT, assert_one_error_line, smoke_config
 
 
 # _config() as command-line flags.
@@ -228,17 +228,13 @@ def test_cli_bad_input_one_line(cli, tmp_path, flags, expect):
   r = cli.run("lns_jax.ablation",
               "--config=" + os.path.join(ROOT, "configs", "fashion_mnist_r20.py") + ":smoke,val",
               f"--workdir={tmp_path / 'w'}", *flags)
-  assert r["rc"] == 2, r["stderr"]
-  err = [line for line in r["stderr"].splitlines() if line.strip()]
-  assert "Traceback" not in r["stderr"] + r["stdout"]
-  assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], r["stderr"]
+  assert_one_error_line(r, expect)
   assert not (tmp_path / "w").exists()  # nothing written
 
 
 def test_plots_cli_bad_workdir_is_one_line_exit_2(cli, tmp_path):
   r = cli.run("lns_jax.plots", f"--workdir={tmp_path / 'none'}")
-  assert r["rc"] == 2 and r["stderr"].strip().startswith("error:"), r
-  assert "metrics.jsonl" in r["stderr"] and len(r["stderr"].strip().splitlines()) == 1, r
+  assert_one_error_line(r, "metrics.jsonl")
 
 
 def test_sweep_points_and_figures_from_ablation_json(tmp_path):

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from lns_testutil import ROOT, SMOKE_FLAGS
+from lns_testutil import ROOT, SMOKE_FLAGS, assert_one_error_line
 
 pytestmark = pytest.mark.slow
 
@@ -33,17 +33,6 @@ SMOKE = "configs/fashion_mnist_r20.py:smoke"
 DOC_FILES = ["README.md"] + sorted(os.path.relpath(p, ROOT)
                                    for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 README = "\n".join(open(os.path.join(ROOT, f)).read() for f in DOC_FILES)
-
-
-def assert_one_error_line(r, *expected):
-  """Exit code 2, stderr exactly one line ``error: ...`` holding ``expected``."""
-  text = r["stdout"] + r["stderr"]
-  assert "Traceback" not in text, text
-  lines = r["stderr"].strip().splitlines()
-  assert r["rc"] == 2 and len(lines) == 1 and lines[0].startswith("error: "), r
-  for e in expected:
-    assert e in lines[0], (e, lines[0])
-  return lines[0]
 
 
 # ------------------------------------------------------------------------ bad inputs

@@ -24,7 +24,7 @@ import pytest
 from flax import traverse_util
 
 from lns_jax import data, deploy, export, inference, models
-from lns_testutil import load_config
+from lns_testutil import assert_one_error_line, load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERTER = os.path.join(REPO, "lns_jax", "deploy_lce.py")
@@ -202,11 +202,7 @@ def test_bad_input_is_one_error_line_and_nothing_written(cli, tmp_path):
     if i == 0:
       line = _one_error_line(_cli(args))
     else:
-      r = cli.run("lns_jax.deploy", *args)
-      lines = [l for l in r["stderr"].splitlines() if l.strip()]
-      assert r["rc"] == 2 and len(lines) == 1, r
-      line = lines[0]
-      assert line.startswith("error: "), line
+      line = assert_one_error_line(cli.run("lns_jax.deploy", *args))
     assert message in line and "Traceback" not in line, line
     assert not out.exists() and not list(tmp_path.glob("*.tflite*")), line
 

@@ -12,7 +12,7 @@ import pytest
 from lns_jax import ablation
 from lns_jax import config as config_lib
 from lns_jax.ablation import strength
-from lns_testutil import ROOT, load_config
+from lns_testutil import ROOT, assert_one_error_line, load_config
 
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_r20.py")
 # :paper,smoke,val at the smallest size: 2 steps an epoch at batch 32.
@@ -179,9 +179,7 @@ def test_train_seconds_from_a_resumed_metrics_file(tmp_path):
 ])
 def test_cli_bad_input_one_line(cli, tmp_path, flags, expect):
   r = cli.run("lns_jax.ablation", *FLAGS, f"--workdir={tmp_path / 'w'}", *flags)
-  err = [line for line in r["stderr"].splitlines() if line.strip()]
-  assert r["rc"] == 2 and "Traceback" not in r["stderr"] + r["stdout"], r["stderr"]
-  assert len(err) == 1 and err[0].startswith("error:") and expect in err[0], r["stderr"]
+  assert_one_error_line(r, expect)
   assert not (tmp_path / "w").exists()
 
 

@@ -160,7 +160,7 @@ def table(strength: dict) -> str:
 def _doubled(short: dict, long: dict) -> bool:
   """Whether pretraining recipe ``long`` is ``short`` at twice the epochs (its decay
   points scaled), everything else the same."""
-  scaled = {"epochs", "decay_epochs", "warmup_epochs"}
+  scaled = {"epochs", "decay_epochs"}
   if set(short) != set(long) or any(short[k] != long[k] for k in set(short) - scaled):
     return False
   twice = lambda v: [2 * x for x in v] if isinstance(v, list) else 2 * v  # noqa: E731
