@@ -2,6 +2,11 @@
 # Every long run still open, in the order the issues set, from the checkout's root; each
 # resumes where it stopped (a session's end kills it: rerun this line first next session):
 #   mkdir -p ~/lns_runs && nohup bash results/run_all.sh > ~/lns_runs/run_all.log 2>&1 &
+# A new machine has no ~/lns_runs: each run.sh unpacks its committed state/ first. Before a
+# session ends, pack and commit what ran (results/store.sh):
+#   bash results/run_all.sh save && git add results/*/state && git commit -m "runs: state"
+[ "$1" = save ] && { bash results/fmnist_r20_strength/run.sh save
+                     bash results/fmnist_reactnet/run.sh save; exit; }
 set -e
 bash results/fmnist_r20_strength/run.sh     # issue 30: ~15 h idle on 2 cores in all
 bash results/fmnist_reactnet/run.sh         # issue 32, item 6: ~7 h idle

@@ -183,12 +183,27 @@ def test_cli_bad_input_one_line(cli, tmp_path, flags, expect):
   assert not (tmp_path / "w").exists()
 
 
+def _store(verb, workdir, state):
+  """results/store.sh's store_save / store_restore, as run.sh calls them."""
+  p = subprocess.run(["bash", "-c", f'source results/store.sh && store_{verb} "$0" "$1"',
+                      str(workdir), str(state)], capture_output=True, text=True, cwd=ROOT)
+  assert p.returncode == 0, p.stderr
+  return p.stdout
+
+
+def _archived(path):
+  import tarfile
+  with tarfile.open(path) as t:
+    return set(t.getnames())
+
+
 @pytest.mark.slow
 def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   """Two baselines (SGD, Adam), the compute-matched fine-tuning control from each (plain
   fine-tuning is the same stage at another length, trained in tests/test_ablation.py):
-  interrupted in the middle of the second baseline's pretraining, then the same command
-  resumes it; the first baseline's runs are not repeated."""
+  interrupted in the middle of the second baseline's pretraining, packed by
+  results/store.sh and unpacked on a "new machine", then the same command resumes it;
+  the first baseline's runs are not repeated."""
   root = tmp_path / "strength"
   names, rows = ["sgd12", "adam12"], dict(extra_rows=["finetune_matched"],
                                           variants=["finetune_matched"])
@@ -198,6 +213,20 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   assert out == {"interrupted": True, "run": "adam12/baseline", "signal": None}
   assert (root / "sgd12" / "finetune_matched" / "seed0" / "finetune" / "result.json").exists()
   assert os.listdir(root / "adam12" / "baseline" / "pretrain" / "checkpoints")
+  # A new machine: the workdir is gone but for what results/store.sh packed into state/.
+  state = tmp_path / "state"
+  _store("save", root, state)
+  assert _archived(state / "done" / "sgd12" / "baseline.tar.gz") >= {
+      "./summary.json", "./metrics.jsonl", "./pretrain/result.json"}
+  assert any("/pretrain/final/" in m for m in _archived(state / "done" / "sgd12" /
+                                                      "baseline.tar.gz"))
+  run0 = _archived(state / "done" / "sgd12" / "finetune_matched" / "seed0.tar.gz")
+  assert "./finetune/result.json" in run0 and not any("final/" in m for m in run0)
+  running = _archived(state / "running" / "adam12" / "baseline.tar.gz")
+  assert any("/pretrain/checkpoints/" in m for m in running)
+  assert not any("tensorboard" in m or ".lock" in m for m in running | run0)
+  os.rename(root, tmp_path / "lost")
+  _store("restore", root, state)
   before = _mtimes(root)
   cmd = [sys.executable, "-m", "lns_jax.ablation", *FLAGS, f"--workdir={root}", "--seeds=1",
          "--baselines=sgd12,adam12", "--extra_rows=finetune_matched",
@@ -212,6 +241,10 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
       "warmup + lns)"], p.stdout
   after = _mtimes(root)
   assert all(after[k] == v for k, v in before.items())  # sgd12's runs were not repeated
+  assert "[pretrain] resuming from step" in p.stdout  # adam12's from its restored checkpoint
+  _store("save", root, state)  # adam12's baseline now done: its running archive goes
+  assert (state / "done" / "adam12" / "baseline.tar.gz").exists()
+  assert not (state / "running" / "adam12" / "baseline.tar.gz").exists()
   saved = json.loads((root / "strength.json").read_text())
   assert set(saved) == set(names)
   for name in names:

@@ -5,16 +5,21 @@
 # finetune, lns_alpha0 and lns, 3 seeds, every variant distilling from DIR/baseline/teacher.
 # Every command resumes where it stopped: a finished run is skipped, an interrupted one
 # resumes from its newest checkpoint. The workdir lives outside the checkout:
-#   LNS_REACTNET_DIR (default ~/lns_runs/reactnet).
+#   LNS_REACTNET_DIR (default ~/lns_runs/reactnet); state/ (results/store.sh) carries it to
+#   a new machine: `bash results/fmnist_reactnet/run.sh save` packs it (commit state/), and
+#   every other command unpacks it first.
 set -e
 W=${LNS_REACTNET_DIR:-$HOME/lns_runs/reactnet}
+H=results/fmnist_reactnet
+source results/store.sh
+if [ "$1" = save ]; then store_save "$W" $H/state; exit; fi
+store_restore "$W" $H/state
 A=".venv/bin/python -m lns_jax.ablation --config=configs/fashion_mnist_reactnet.py:val --workdir=$W"
 if [ "$1" != "report" ]; then
   $A --seeds=1   # seed 0 of every row first: the first picture
   $A --seeds=3
 fi
 $A --seeds=3 --report_only
-H=results/fmnist_reactnet
 for f in ablation.md ablation.json baseline.png fig3.png; do
   [ -f "$W/$f" ] && cp "$W/$f" "$H/"
 done
