@@ -7,7 +7,7 @@ backend, then forks a child per command line, which runs the entry point as
 the same code path as ``python train.py ...``, from a fresh interpreter state.
 
 Protocol: one JSON request a line on stdin, ``{"entry": "train.py" | "lns_jax.export"
-..., "args": [...], "stop_after_validation": bool, "timeout": s}``; one JSON reply a
+..., "args": [...], "stop_after_validation": bool, "timeout": s, "env": {...}}``; one JSON reply a
 line on stdout, ``{"rc", "stdout", "stderr", "config"}``. ``stop_after_validation``
 replaces ``trainer.train`` with ``config.validate`` plus a dump of the config
 (``config`` in the reply): the command line is parsed and checked, nothing trains.
@@ -58,6 +58,9 @@ def _child(request, out, err, dump):
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
     os.chdir(ROOT)
     entry = request["entry"]
+    # Read when the child starts its JAX backend (the warm process started none): e.g.
+    # XLA_FLAGS with another number of fake devices.
+    os.environ.update(request.get("env", {}))
     if request.get("stop_after_validation"):
       _stop_after_validation(dump)
     try:

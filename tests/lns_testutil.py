@@ -116,9 +116,9 @@ class Zygote:
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert json.loads(self.proc.stdout.readline()) == {"ready": True}
 
-  def run(self, entry, *args, stop_after_validation=False, timeout=120):
+  def run(self, entry, *args, stop_after_validation=False, timeout=120, env=None):
     request = {"entry": entry, "args": list(args), "timeout": timeout,
-               "stop_after_validation": stop_after_validation}
+               "stop_after_validation": stop_after_validation, "env": env or {}}
     self.proc.stdin.write(json.dumps(request) + "\n")
     self.proc.stdin.flush()
     return json.loads(self.proc.stdout.readline())

@@ -253,7 +253,7 @@ def test_checkpoints_restore_in_one_process_on_other_devices(run):
   assert set(flat) == {k for k in saved if k.split("/")[0] in ("params", "batch_stats")}
   for key, value in flat.items():
     np.testing.assert_array_equal(value, saved[key], err_msg=key)
-  # The whole train state, as a resume restores it, onto 1 and onto 8 devices of this
+  # The whole train state, as a resume restores it, onto 1 and onto all (2) devices of this
   # single process (the run had 4 devices over 2 processes).
   final = os.path.join(workdir, "lns", "final")
   mngr = ckpt_lib.manager(final, read_only=True)
