@@ -7,13 +7,12 @@ ipykernel); an install without them skips that test, the others still run.
 import json
 import os
 import re
-import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "lns_tour.ipynb")
-BUDGET_S = 240  # the whole notebook, kernel start included (about 60 s on 2 idle cores)
+BUDGET_S = 240  # a cell's limit (the whole notebook takes about 60 s on 2 idle cores)
 
 
 def _cells():
@@ -53,19 +52,18 @@ def test_notebook_runs(monkeypatch):
   nbclient = pytest.importorskip("nbclient", reason=why, exc_type=ImportError)
   nbformat = pytest.importorskip("nbformat", reason=why, exc_type=ImportError)
   pytest.importorskip("ipykernel", reason=why, exc_type=ImportError)
-  # The kernel inherits the environment: one CPU device, not the tests' eight; quick
-  # compiles (LNS_FAST_COMPILE=1, set by conftest).
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  # The kernel inherits the environment: one CPU device, as a user's notebook has, not the
+  # tests' two; quick compiles (LNS_FAST_COMPILE=1 for the trainer's, conftest's XLA
+  # options for every other jit and eager op).
+  monkeypatch.setenv("XLA_FLAGS", re.sub(r"\s*--xla_force_host_platform_device_count=\d+", "",
+                                         os.environ.get("XLA_FLAGS", "")).strip())
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("LNS_FAST_COMPILE", "1")
   nb = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(
       nb, timeout=BUDGET_S, kernel_name="python3",
       resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
-  start = time.time()
-  client.execute()
-  elapsed = time.time() - start
-  assert elapsed < BUDGET_S
+  client.execute()  # a cell running past BUDGET_S fails (a hung kernel, not a benchmark)
   text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []) if o.get("output_type") == "stream")
   images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
