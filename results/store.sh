@@ -8,9 +8,10 @@
 #                         (config.json, metrics.jsonl, result.json, summary.json), and for
 #                         a baseline its stages' final checkpoints (what the rows start
 #                         from); written once.
-#   running/<run>.tar.gz  an unfinished run with its newest checkpoints, so it resumes;
-#                         replaced at every save, removed when the run is done.
-# TensorBoard events and best/ checkpoints are left out (metrics.jsonl has the same).
+#   running/<run>.tar.gz  an unfinished run with its newest checkpoints and its best one
+#                         (the resumed stage goes on comparing with it), so it resumes as
+#                         if never moved; replaced at every save, removed when it is done.
+# TensorBoard events are left out (metrics.jsonl has the same).
 
 # store_save WORKDIR STATE: packs WORKDIR's runs into STATE.
 store_save() {
@@ -18,12 +19,12 @@ store_save() {
   [ -d "$W" ] || return 0
   find "$W" -name config.json -printf '%h\n' | sort | while read -r d; do
     rel=${d#"$W"/}
-    local excl=(--exclude=./tensorboard --exclude='./*/best' --exclude='./.lock*')
+    local excl=(--exclude=./tensorboard --exclude='./.lock*')
     if [ -f "$d/summary.json" ] || [ -f "$d/failed.json" ]; then
       out=$S/done/$rel.tar.gz
       rm -f "$S/running/$rel.tar.gz"
       [ -f "$out" ] && continue
-      excl+=(--exclude='./*/checkpoints')
+      excl+=(--exclude='./*/checkpoints' --exclude='./*/best')
       [ "$(basename "$d")" = baseline ] || excl+=(--exclude='./*/final')
     else
       out=$S/running/$rel.tar.gz

@@ -224,6 +224,7 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   assert "./finetune/result.json" in run0 and not any("final/" in m for m in run0)
   running = _archived(state / "running" / "adam12" / "baseline.tar.gz")
   assert any("/pretrain/checkpoints/" in m for m in running)
+  assert any("/pretrain/best/" in m for m in running)  # the best so far, still to beat
   assert not any("tensorboard" in m or ".lock" in m for m in running | run0)
   os.rename(root, tmp_path / "lost")
   _store("restore", root, state)
