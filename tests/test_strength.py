@@ -57,7 +57,7 @@ def test_the_controls_rows_in_the_plan():
 
 def test_named_baselines_update_pretraining_only():
   c = load_config("fashion_mnist_r20.py", "paper,val")
-  assert ablation.baseline_names(c) == ["adam12", "adam24", "sgd12", "sgd24", "sgd48"]
+  assert ablation.baseline_names(c) == ["adam12", "adam24", "adam48", "sgd12", "sgd24", "sgd48"]
   sgd48, adam12 = ablation.with_baseline(c, "sgd48"), ablation.with_baseline(c, "adam12")
   assert (sgd48.pretrain.epochs, sgd48.pretrain.decay_epochs) == (48.0, (24.0, 36.0))
   assert (adam12.pretrain.optimizer, adam12.pretrain.schedule) == ("adam", "cosine")
@@ -171,7 +171,7 @@ def test_train_seconds_from_a_resumed_metrics_file(tmp_path):
 
 @pytest.mark.parametrize("flags,expect", [
     (["--baselines=sgd12,nope"], "--baselines: 'nope' is not a baseline of this config; "
-                                 "choose from adam12, adam24, sgd12, sgd24, sgd48"),
+                                 "choose from adam12, adam24, adam48, sgd12, sgd24, sgd48"),
     (["--baselines=sgd12,sgd12"], "a name is given twice"),
     (["--baselines=sgd12", "--baseline=/x/pretrain"], "--baseline and --baselines: give one"),
     (["--baselines=sgd12", "--config.baselines.sgd12.epochs=-1"], "config.pretrain.epochs"),
