@@ -32,10 +32,12 @@ if [ "$1" != "report" ]; then
 fi
 # The report of what is finished so far (trains nothing).
 $A --seeds=3 --baselines=$ALL,adam12,sgd48,adam48 --report_only
-cp "$W"/strength.md "$W"/strength.json "$W"/strength.png $H/
+# (strength.png and fig3.png exist once a row has finished.)
+for f in strength.md strength.json strength.png; do
+  if [ -f "$W/$f" ]; then cp "$W/$f" $H/; fi
+done
 for b in sgd12 sgd24 sgd48 adam12 adam24 adam48; do
-  [ -d "$W/$b" ] || continue
   for f in ablation.md ablation.json baseline.png fig3.png; do
-    [ -f "$W/$b/$f" ] && cp "$W/$b/$f" "$H/${b}_$f"
+    if [ -f "$W/$b/$f" ]; then cp "$W/$b/$f" "$H/${b}_$f"; fi
   done
 done
