@@ -286,3 +286,18 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   assert p4.returncode == 0 and "[ablation] run" not in p4.stdout, p4.stdout[-2000:]
   assert "| adam24 |" in (root / "strength.md").read_text()
   assert not (root / "sgd24" / "baseline").exists() and _mtimes(root) == finished
+  # results/fmnist_r20_strength/run.sh as typed, at smoke size: `report` copies the report
+  # (every baseline's Table 1 and curve), `save` packs the workdir; neither trains.
+  out = tmp_path / "results"
+  env = dict(os.environ, LNS_STRENGTH_DIR=str(root), LNS_STRENGTH_RESULTS=str(out),
+             LNS_STRENGTH_CONFIG=f"{CONFIG}:paper,smoke,val", PYTHON=sys.executable,
+             LNS_STRENGTH_FLAGS=" ".join(FLAGS[1:]))
+  for verb in ("report", "save"):
+    p5 = subprocess.run(["bash", "results/fmnist_r20_strength/run.sh", verb], env=env,
+                        capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert p5.returncode == 0 and "[ablation] run" not in p5.stdout, p5.stderr[-2000:]
+  assert {"strength.md", "strength.png", "adam12_ablation.md", "adam24_baseline.png",
+          "sgd12_fig3.png"} <= set(os.listdir(out))
+  assert "| adam48 |" in (out / "strength.md").read_text()  # planned, not trained: a row of -
+  assert (out / "state" / "done" / "adam24" / "baseline.tar.gz").exists()
+  assert _mtimes(root) == finished

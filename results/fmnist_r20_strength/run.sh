@@ -7,13 +7,16 @@
 #   bash results/fmnist_r20_strength/run.sh save     # packs the workdir into state/ (commit it)
 # The workdir lives outside the checkout: LNS_STRENGTH_DIR (default ~/lns_runs/strength);
 # state/ (results/store.sh) carries it to a new machine, and every command unpacks it first.
+# The tests run it at smoke size: LNS_STRENGTH_CONFIG (the config argument),
+# LNS_STRENGTH_FLAGS (more flags), LNS_STRENGTH_RESULTS (where the report is copied),
+# PYTHON (default .venv/bin/python).
 set -e
 W=${LNS_STRENGTH_DIR:-$HOME/lns_runs/strength}
-H=results/fmnist_r20_strength
+H=${LNS_STRENGTH_RESULTS:-results/fmnist_r20_strength}
 source results/store.sh
 if [ "$1" = save ]; then store_save "$W" $H/state; exit; fi
 store_restore "$W" $H/state
-A=".venv/bin/python -m lns_jax.ablation --config=configs/fashion_mnist_r20.py:paper,val --workdir=$W --extra_rows=finetune_lr10x,finetune_matched"
+A="${PYTHON:-.venv/bin/python} -m lns_jax.ablation --config=${LNS_STRENGTH_CONFIG:-configs/fashion_mnist_r20.py:paper,val} --workdir=$W --extra_rows=finetune_lr10x,finetune_matched ${LNS_STRENGTH_FLAGS:-}"
 # The baselines, by priority (DECISIONS 20): adam24 (the converged candidate: 1.26 points
 # above adam12, so adam12 is not), sgd12 (the weak one of the first answer), sgd24; then
 # adam12 and sgd48 (strengths between), if the compute is there.
@@ -33,6 +36,7 @@ fi
 # The report of what is finished so far (trains nothing).
 $A --seeds=3 --baselines=$ALL,adam12,sgd48,adam48 --report_only
 # (strength.png and fig3.png exist once a row has finished.)
+mkdir -p "$H"
 for f in strength.md strength.json strength.png; do
   if [ -f "$W/$f" ]; then cp "$W/$f" $H/; fi
 done
