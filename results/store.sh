@@ -28,6 +28,8 @@ store_save() {
       [ "$(basename "$d")" = baseline ] || excl+=(--exclude='./*/final')
     else
       out=$S/running/$rel.tar.gz
+      # Unchanged since its last archive: the same bytes again would be a new blob in git.
+      [ -f "$out" ] && [ -z "$(find "$d" -newer "$out" -print -quit)" ] && continue
     fi
     mkdir -p "$(dirname "$out")"
     tar -C "$d" "${excl[@]}" -czf "$out.tmp" . && mv "$out.tmp" "$out"

@@ -226,6 +226,9 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   assert any("/pretrain/checkpoints/" in m for m in running)
   assert any("/pretrain/best/" in m for m in running)  # the best so far, still to beat
   assert not any("tensorboard" in m or ".lock" in m for m in running | run0)
+  mtime = (state / "running" / "adam12" / "baseline.tar.gz").stat().st_mtime_ns
+  assert "saved" not in _store("save", root, state)  # nothing changed: nothing rewritten
+  assert (state / "running" / "adam12" / "baseline.tar.gz").stat().st_mtime_ns == mtime
   os.rename(root, tmp_path / "lost")
   _store("restore", root, state)
   before = _mtimes(root)
