@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,13 @@ SMOKE_FLAGS = ["--config=" + os.path.join(ROOT, "configs", "fashion_mnist_r20.py
                "--config.data.train_examples=128", "--config.data.eval_examples=64",
                "--config.pretrain.epochs=2", "--config.warmup.epochs=1", "--config.lns.epochs=1",
                "--config.log_every_steps=2", "--config.checkpoint_every_steps=3"]
+
+
+def xla_flags(devices=None):
+  """conftest's XLA_FLAGS with ``devices`` fake CPU devices (None: no count, one device)."""
+  flags = re.sub(r"\s*--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", "")).strip()
+  return flags if devices is None else f"{flags} --xla_force_host_platform_device_count={devices}"
 
 
 def leaves(tree):

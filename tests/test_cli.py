@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from lns_testutil import ROOT, SMOKE_FLAGS, assert_one_error_line
+from lns_testutil import ROOT, SMOKE_FLAGS, assert_one_error_line, xla_flags
 
 pytestmark = pytest.mark.slow
 
@@ -206,8 +206,7 @@ def test_readme_error_examples_are_what_the_cli_prints(cli, tmp_path):
     flag = next(v for k, v in made_by.items() if example.startswith(k))
     # The README's examples are a machine with 8 devices (the suite runs on 2).
     r = cli.run("train.py", f"--config={SMOKE}", f"--workdir={tmp_path}/w", flag,
-                env={"XLA_FLAGS": re.sub(r"device_count=\d+", "device_count=8",
-                                         os.environ["XLA_FLAGS"])})
+                env={"XLA_FLAGS": xla_flags(8)})
     line = assert_one_error_line(r)
     assert line.removeprefix("error: ").startswith(example), (example, line)
 

@@ -55,8 +55,8 @@ def test_notebook_runs(monkeypatch):
   # The kernel inherits the environment: one CPU device, as a user's notebook has, not the
   # tests' two; quick compiles (LNS_FAST_COMPILE=1 for the trainer's, conftest's XLA
   # options for every other jit and eager op).
-  monkeypatch.setenv("XLA_FLAGS", re.sub(r"\s*--xla_force_host_platform_device_count=\d+", "",
-                                         os.environ.get("XLA_FLAGS", "")).strip())
+  from lns_testutil import xla_flags
+  monkeypatch.setenv("XLA_FLAGS", xla_flags())
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("LNS_FAST_COMPILE", "1")
   nb = nbformat.read(NOTEBOOK, as_version=4)
