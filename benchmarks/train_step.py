@@ -188,7 +188,8 @@ def parse_peaks(text, dtypes):
   return peaks
 
 
-def main():
+def parse_args(argv=None):
+  """The command line; see the module docstring."""
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=10,
                  help="timed steps; 0 compiles only (GFLOP, compile time and memory of "
@@ -232,22 +233,29 @@ def main():
                       "'tfds', or 'numpy' where TensorFlow is not installed")
   p.add_argument("--local_dir", default=None,
                  help="folder of the four Fashion-MNIST idx .gz files (config.data.local_dir)")
-  args = p.parse_args()
+  return p.parse_args(argv)
+
+
+def print_machine(args):
+  """The machine, versions and compiler options every table is read against."""
   dev = jax.devices()[0]
-  r18_batch = args.r18_batch or (16 if dev.platform == "cpu" else 256)
   print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs; python {platform.python_version()}; jax {jax.__version__}, "
         f"jaxlib {jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}; "
         f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform})")
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; project compiler options: "
         f"{parallel.compiler_options()}; config.mapping.conv={args.mapping_conv!r}\n")
+
+
+def plan(args):
+  """(cases, option sets, convs, dtypes, stages, peaks); bad names stop here, in one
+  line, before anything compiles."""
+  r18_batch = args.r18_batch or (16 if jax.devices()[0].platform == "cpu" else 256)
   cases = [("resnet20", 32, 3, args.r20_batch, 10)] if args.r20_batch else []
   if args.fmnist_batch:
     cases.append(("resnet20", 28, 1, args.fmnist_batch, 10))
   if not args.skip_r18:
     cases.append(("resnet18", args.r18_size, 3, r18_batch, 1000))
-  convs = args.conv.split(",")
-  # Bad names stop here, in one line, before anything compiles.
   option_sets = split_choices("cpu_options", args.cpu_options, OPTION_SETS)
   dtypes = split_choices("dtype", args.dtype, tuple(models.DTYPES))
   if args.mapping_conv not in mapping.MAPPING_CONVS:
@@ -255,46 +263,65 @@ def main():
                      f"got {args.mapping_conv!r}.")
   peaks = parse_peaks(args.peak_tflops, dtypes)
   stages = split_choices("stages", args.stages, tuple(name for name, _ in STAGES))
+  return cases, option_sets, args.conv.split(","), dtypes, stages, peaks
+
+
+def model_rows(case, option_sets, convs, dtypes, stages, mapping_conv):
+  """One compiled step per (XLA options, conv, dtype, stage) of one model."""
+  model, size, ch, batch, classes = case
+  rows = []
+  for opt in option_sets:
+    for conv in convs:
+      for dt in dtypes:
+        c = make_config(model, size, ch, batch)
+        c.model.conv = conv
+        c.model.dtype = dt
+        c.mapping.conv = mapping_conv
+        for stage, label in STAGES:
+          if stage in stages:
+            rows.append(((opt, conv, dt, stage), label,
+                         prepare_step(c, stage, (size, size, ch), classes, opt)))
+  return rows
+
+
+def print_rows(case, rows, steps, peaks):
+  """The table's rows of one model, each with its ratios to the other variants."""
+  model, size, ch, batch, _ = case
+  by = {key: r for key, _, r in rows}
+  for (opt, conv, dt, stage), label, r in rows:
+    def ratio(other):
+      if steps:
+        return f"{r['ms'] / other['ms']:.2f}x"
+      return f"{r['gflop'] / other['gflop']:.2f}x (FLOPs)"  # compile-only: no time
+    peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
+    timed = (f"{r['ms']:.1f} ({r['ms_range'][0]:.0f}-{r['ms_range'][1]:.0f}) | {r['ips']:.0f}"
+             if steps else "not run | -")
+    def vs(key):
+      return ratio(by[key]) if key in by else "-"
+    # Model FLOPs utilization: XLA's FLOP count of the step over the chip's peak.
+    mfu = (f"{100 * r['gflop'] / r['ms'] / peaks[dt]:.1f}%"
+           if dt in peaks and steps else "-")
+    print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {conv} | {dt} | {opt} | "
+          f"{timed} | {r['gflop']:.1f} | {mfu} | {r['compile_s']:.1f} | {peak} "
+          f"| {vs((opt, conv, dt, 'pretrain'))} | {vs((opt, 'xla', dt, stage))} "
+          f"| {vs((opt, conv, 'float32', stage))} | {vs(('default', conv, dt, stage))} |",
+          flush=True)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  print_machine(args)
+  cases, option_sets, convs, dtypes, stages, peaks = plan(args)
   print("| model | input | batch | step | conv | dtype | XLA options | ms/step (range) | images/s "
         "| GFLOP/step | MFU | compile s | peak MiB | LNS/baseline | vs conv=xla | vs float32 "
         "| vs default options |")
   print("|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-  for model, size, ch, batch, classes in cases:
-    rows = []
-    for opt in option_sets:
-      for conv in convs:
-        for dt in dtypes:
-          c = make_config(model, size, ch, batch)
-          c.model.conv = conv
-          c.model.dtype = dt
-          c.mapping.conv = args.mapping_conv
-          for stage, label in STAGES:
-            if stage not in stages:
-              continue
-            rows.append(((opt, conv, dt, stage), label,
-                         prepare_step(c, stage, (size, size, ch), classes, opt)))
+  for case in cases:
+    rows = model_rows(case, option_sets, convs, dtypes, stages, args.mapping_conv)
     # Every variant of a model in one alternating loop: under a changing load the
     # ratios stay comparable even when the absolute times are not.
     time_alternating([r for *_, r in rows], args.steps)
-    by = {key: r for key, _, r in rows}
-    for (opt, conv, dt, stage), label, r in rows:
-      def ratio(other):
-        if args.steps:
-          return f"{r['ms'] / other['ms']:.2f}x"
-        return f"{r['gflop'] / other['gflop']:.2f}x (FLOPs)"  # compile-only: no time
-      peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
-      timed = (f"{r['ms']:.1f} ({r['ms_range'][0]:.0f}-{r['ms_range'][1]:.0f}) | {r['ips']:.0f}"
-               if args.steps else "not run | -")
-      def vs(key):
-        return ratio(by[key]) if key in by else "-"
-      # Model FLOPs utilization: XLA's FLOP count of the step over the chip's peak.
-      mfu = (f"{100 * r['gflop'] / r['ms'] / peaks[dt]:.1f}%"
-             if dt in peaks and args.steps else "-")
-      print(f"| {model} | {size}x{size}x{ch} | {batch} | {label} | {conv} | {dt} | {opt} | "
-            f"{timed} | {r['gflop']:.1f} | {mfu} | {r['compile_s']:.1f} | {peak} "
-            f"| {vs((opt, conv, dt, 'pretrain'))} | {vs((opt, 'xla', dt, stage))} "
-            f"| {vs((opt, conv, 'float32', stage))} | {vs(('default', conv, dt, stage))} |",
-            flush=True)
+    print_rows(case, rows, args.steps, peaks)
   print(f"\nprocess peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
   if not args.skip_input:
     loader = args.loader or ("tfds" if importlib.util.find_spec("tensorflow") else "numpy")
