@@ -124,3 +124,38 @@ def test_export_inference_and_lce_agree_with_the_trained_model(reactnet_run, tmp
   lce, _ = deploy.run(fb, images)
   np.testing.assert_array_equal(lce.argmax(-1), packed.argmax(-1))
   np.testing.assert_allclose(lce, packed, rtol=0, atol=1e-4 + 1e-5 * np.abs(packed).max())
+
+
+def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
+  """results/fmnist_reactnet/run.sh (issue 32's measurement) as typed, one row at smoke
+  size: the baseline trains its teacher, step 1 and step 2 once; the row warm-starts
+  from step 2 and distils from the baseline's teacher; its second ablation command
+  (all seeds) skips the finished run; the report copies the tables and deploys step 2
+  and the row through LCE."""
+  import json
+  import subprocess
+  import sys
+  from lns_testutil import ROOT
+  w, out = tmp_path / "w", tmp_path / "results"
+  env = dict(os.environ, LNS_REACTNET_DIR=str(w), LNS_REACTNET_RESULTS=str(out),
+             LNS_REACTNET_CONFIG="configs/fashion_mnist_reactnet.py:smoke,val",
+             LNS_REACTNET_SEEDS="1", PYTHON=sys.executable,
+             LNS_REACTNET_FLAGS="--variants=lns_alpha0 --config.data.train_examples=64 "
+                                "--config.data.eval_examples=32 --config.data.val_examples=32 "
+                                "--config.warmup.epochs=0.5 --config.lns.epochs=0.5")
+  p = subprocess.run(["bash", "results/fmnist_reactnet/run.sh"], env=env, cwd=ROOT,
+                     capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+  assert p.stdout.count("[ablation] run 0/1: baseline (teacher,step1,pretrain") == 1
+  assert p.stdout.count("[ablation] run 1/1: lns_alpha0 seed 0") == 1
+  row = w / "lns_alpha0" / "seed0"
+  cfg = json.loads((row / "config.json").read_text())
+  assert cfg["distill"]["teacher"] == str(w / "baseline" / "teacher")
+  assert cfg["init_from"] == str(w / "baseline" / "pretrain" / "final")
+  kd = [json.loads(l).get("kd") for l in (row / "metrics.jsonl").read_text().splitlines()]
+  assert any(k is not None and k > 0 for k in kd)  # the distribution loss was trained on
+  assert {"ablation.md", "baseline_stages.md", "fig3.png"} <= set(os.listdir(out))
+  assert "| teacher |" in (out / "baseline_stages.md").read_text()
+  if _have_lce():
+    for name in ("baseline", "lns_alpha0_seed0"):
+      assert "LceBconv2d 8" in (out / f"{name}_deploy.txt").read_text()

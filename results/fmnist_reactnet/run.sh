@@ -8,18 +8,24 @@
 #   LNS_REACTNET_DIR (default ~/lns_runs/reactnet); state/ (results/store.sh) carries it to
 #   a new machine: `bash results/fmnist_reactnet/run.sh save` packs it (commit state/), and
 #   every other command unpacks it first.
+# The tests run it at smoke size: LNS_REACTNET_CONFIG (the config argument), LNS_REACTNET_SEEDS
+# (default 3), LNS_REACTNET_FLAGS (more flags), LNS_REACTNET_RESULTS (where the report goes),
+# PYTHON (default .venv/bin/python).
 set -e
 W=${LNS_REACTNET_DIR:-$HOME/lns_runs/reactnet}
-H=results/fmnist_reactnet
+H=${LNS_REACTNET_RESULTS:-results/fmnist_reactnet}
+P=${PYTHON:-.venv/bin/python}
+S=${LNS_REACTNET_SEEDS:-3}
 source results/store.sh
 if [ "$1" = save ]; then store_save "$W" $H/state; exit; fi
 store_restore "$W" $H/state
-A=".venv/bin/python -m lns_jax.ablation --config=configs/fashion_mnist_reactnet.py:val --workdir=$W"
+A="$P -m lns_jax.ablation --config=${LNS_REACTNET_CONFIG:-configs/fashion_mnist_reactnet.py:val} --workdir=$W ${LNS_REACTNET_FLAGS:-}"
 if [ "$1" != "report" ]; then
   $A --seeds=1   # seed 0 of every row first: the first picture
-  $A --seeds=3
+  $A --seeds=$S
 fi
-$A --seeds=3 --report_only
+$A --seeds=$S --report_only
+mkdir -p "$H"
 for f in ablation.md ablation.json baseline.png fig3.png; do
   [ -f "$W/$f" ] && cp "$W/$f" "$H/"
 done
@@ -29,7 +35,7 @@ done
 for run in baseline:pretrain lns_alpha0/seed0:lns; do
   dir=$W/${run%%:*}; stage=${run##*:}; name=$(echo "${run%%:*}" | tr / _)
   [ -f "$dir/$stage/result.json" ] || continue
-  .venv/bin/python -m lns_jax.export --workdir="$dir" --stage="$stage" --out="$W/$name.npz"
-  .venv/bin/python -m lns_jax.deploy --export="$W/$name.npz" --out="$W/$name.tflite" \
+  $P -m lns_jax.export --workdir="$dir" --stage="$stage" --out="$W/$name.npz"
+  $P -m lns_jax.deploy --export="$W/$name.npz" --out="$W/$name.tflite" \
     | tee "$H/${name}_deploy.txt"
 done
