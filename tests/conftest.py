@@ -45,8 +45,8 @@ import pytest  # noqa: E402
 # which does not use it. Files not listed keep their collection order, after these.
 # Update the list when a file's cost changes a lot (`pytest --durations=0`).
 _FILE_ORDER = [
-    "test_ablation.py", "test_export.py", "test_configs_run.py", "test_deploy.py",
-    "test_reactnet_train.py", "test_cpu_options.py", "test_cli.py", "test_process_lost.py",
+    "test_ablation.py", "test_export.py", "test_reactnet_train.py", "test_configs_run.py",
+    "test_deploy.py", "test_cpu_options.py", "test_cli.py", "test_process_lost.py",
     "test_robustness.py", "test_strength.py", "test_multihost.py", "test_notebook.py",
     "test_paper_recipe.py", "test_xnor_conv.py", "test_lns_effect.py", "test_first_run.py",
     "test_train.py", "test_no_tensorflow.py", "test_api.py", "test_objective_scale.py",
