@@ -15,6 +15,7 @@ CONFIGS = [("fashion_mnist_r20.py", ""), ("fashion_mnist_r20.py", "quick"),
            ("fashion_mnist_r20.py", "paper,quick"), ("fashion_mnist_r20.py", "paper,smoke,val"),
            ("fashion_mnist_reactnet.py", ""), ("fashion_mnist_reactnet.py", "quick"),
            ("fashion_mnist_reactnet.py", "smoke,val"), ("fashion_mnist_reactnet.py", "val,finetune"),
+           ("fashion_mnist_reactnet.py", "val,x2"),
            ("imagenet_reactnet.py", ""), ("imagenet_reactnet.py", "finetune"),
            ("imagenet_reactnet.py", "teacher"), ("imagenet_reactnet.py", "smoke")]
 

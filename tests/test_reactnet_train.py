@@ -129,9 +129,10 @@ def test_export_inference_and_lce_agree_with_the_trained_model(reactnet_run, tmp
 def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   """results/fmnist_reactnet/run.sh (issue 32's measurement) as typed, one row at smoke
   size: the baseline trains its teacher, step 1 and step 2 once; the row warm-starts
-  from step 2 and distils from the baseline's teacher; its second ablation command
-  (all seeds) skips the finished run; the report copies the tables and deploys step 2
-  and the row through LCE."""
+  from step 2 and distils from the baseline's teacher; the baseline's check of
+  convergence (steps 1 and 2 at twice the epochs) distils from the same teacher; the
+  all-seeds command skips the finished run; the report copies the tables and deploys step
+  2 and the row through LCE."""
   import json
   import subprocess
   import sys
@@ -156,6 +157,17 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   assert any(k is not None and k > 0 for k in kd)  # the distribution loss was trained on
   assert {"ablation.md", "baseline_stages.md", "fig3.png"} <= set(os.listdir(out))
   assert "| teacher |" in (out / "baseline_stages.md").read_text()
+  # The baseline's check of convergence: steps 1 and 2 at twice the epochs, from the
+  # same teacher (not trained again), the baseline alone.
+  x2 = json.loads((w / "x2" / "baseline" / "config.json").read_text())
+  base = json.loads((w / "baseline" / "config.json").read_text())
+  assert x2["stages"] == "step1,pretrain" and base["stages"] == "teacher,step1,pretrain"
+  assert x2["distill"]["teacher"] == str(w / "baseline" / "teacher")
+  assert [x2[s]["epochs"] for s in ("step1", "pretrain")] == [
+      2 * base[s]["epochs"] for s in ("step1", "pretrain")]
+  assert not (w / "x2" / "baseline" / "teacher").exists()
+  assert not (w / "x2" / "lns_alpha0").exists()
+  assert "| pretrain |" in (out / "baseline_x2_stages.md").read_text()
   if _have_lce():
     for name in ("baseline", "lns_alpha0_seed0"):
       assert "LceBconv2d 8" in (out / f"{name}_deploy.txt").read_text()

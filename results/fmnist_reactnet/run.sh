@@ -2,7 +2,8 @@
 # Issue 32, item 6: ReActNet on real Fashion-MNIST (configs/fashion_mnist_reactnet.py:val),
 # from the checkout's root, after issue 30's runs (results/fmnist_r20_strength/run.sh) have
 # the cores. The baseline (teacher, step 1, step 2 in DIR/baseline) is trained once; then
-# finetune, lns_alpha0 and lns, 3 seeds, every variant distilling from DIR/baseline/teacher.
+# finetune, lns_alpha0 and lns, 3 seeds, every variant distilling from DIR/baseline/teacher;
+# between seed 0 and the others, the baseline's check of convergence in DIR/x2.
 # Every command resumes where it stopped: a finished run is skipped, an interrupted one
 # resumes from its newest checkpoint. The workdir lives outside the checkout:
 #   LNS_REACTNET_DIR (default ~/lns_runs/reactnet); state/ (results/store.sh) carries it to
@@ -19,9 +20,16 @@ S=${LNS_REACTNET_SEEDS:-3}
 source results/store.sh
 if [ "$1" = save ]; then store_save "$W" $H/state; exit; fi
 store_restore "$W" $H/state
-A="$P -m lns_jax.ablation --config=${LNS_REACTNET_CONFIG:-configs/fashion_mnist_reactnet.py:val} --workdir=$W ${LNS_REACTNET_FLAGS:-}"
+C=${LNS_REACTNET_CONFIG:-configs/fashion_mnist_reactnet.py:val}
+A="$P -m lns_jax.ablation --config=$C --workdir=$W ${LNS_REACTNET_FLAGS:-}"
 if [ "$1" != "report" ]; then
   $A --seeds=1   # seed 0 of every row first: the first picture
+  # The baseline's check of convergence (issue 30's: the same recipe at twice the epochs
+  # gains at most 1 point): steps 1 and 2 at twice their epochs (`x2`), the baseline alone,
+  # distilling from the same teacher. Before the other seeds, so a failed check comes first.
+  $P -m lns_jax.ablation --config=$C,x2 --workdir=$W/x2 ${LNS_REACTNET_FLAGS:-} --seeds=1 \
+    --variants=baseline --config.stages=step1,pretrain,warmup,lns \
+    --config.distill.teacher=$W/baseline/teacher
   $A --seeds=$S
 fi
 $A --seeds=$S --report_only
@@ -31,6 +39,7 @@ for f in ablation.md ablation.json baseline.png fig3.png; do
 done
 # The teacher's, step 1's and step 2's test top-1 (the baseline's own stage table).
 [ -f "$W/baseline/results.md" ] && cp "$W/baseline/results.md" "$H/baseline_stages.md"
+[ -f "$W/x2/baseline/results.md" ] && cp "$W/x2/baseline/results.md" "$H/baseline_x2_stages.md"
 # The deployed size: step 2's baseline and seed 0 of lns_alpha0 through LCE.
 for run in baseline:pretrain lns_alpha0/seed0:lns; do
   dir=$W/${run%%:*}; stage=${run##*:}; name=$(echo "${run%%:*}" | tr / _)
