@@ -3,6 +3,8 @@
 # config.baselines), from the checkout's root. Every command resumes where it stopped: a
 # finished run is skipped, an interrupted one resumes from its newest checkpoint.
 #   bash results/fmnist_r20_strength/run.sh          # trains what is left, then the report
+#   bash results/fmnist_r20_strength/run.sh extra    # adam12's and sgd48's rows (strengths
+#                                                    # between), then the report
 #   bash results/fmnist_r20_strength/run.sh report   # the report of what is finished
 #   bash results/fmnist_r20_strength/run.sh save     # packs the workdir into state/ (commit it)
 # The workdir lives outside the checkout: LNS_STRENGTH_DIR (default ~/lns_runs/strength);
@@ -19,9 +21,10 @@ store_restore "$W" $H/state
 A="${PYTHON:-.venv/bin/python} -m lns_jax.ablation --config=${LNS_STRENGTH_CONFIG:-configs/fashion_mnist_r20.py:paper,val} --workdir=$W --extra_rows=finetune_lr10x,finetune_matched ${LNS_STRENGTH_FLAGS:-}"
 # The baselines, by priority (DECISIONS 20): adam24 (the converged candidate: 1.26 points
 # above adam12, so adam12 is not), sgd12 (the weak one of the first answer), sgd24; then
-# adam12 and sgd48 (strengths between), if the compute is there.
+# adam12 and sgd48 (strengths between, `extra`), if the compute is there: results/run_all.sh
+# runs them after issue 32's runs.
 ALL=adam24,sgd12,sgd24
-if [ "$1" != "report" ]; then
+if [ -z "$1" ]; then
   # 1. adam12's check of convergence: its recipe at twice the epochs, the baseline alone.
   $A --seeds=1 --baselines=adam12,adam24 --variants=baseline
   # 2. Seed 0 of every row: the first picture.
@@ -30,8 +33,11 @@ if [ "$1" != "report" ]; then
   $A --seeds=1 --baselines=adam48 --variants=baseline
   # 4. Seeds 1 and 2 of every row.
   $A --seeds=3 --baselines=$ALL
+elif [ "$1" = extra ]; then
   # 5. adam12 and sgd48, between sgd24 and adam24.
   $A --seeds=3 --baselines=adam12,sgd48
+elif [ "$1" != report ]; then
+  echo "run.sh takes nothing, extra, report or save; got '$1'." >&2; exit 2
 fi
 # The report of what is finished so far (trains nothing).
 $A --seeds=3 --baselines=$ALL,adam12,sgd48,adam48 --report_only
