@@ -304,3 +304,16 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   assert "| adam48 |" in (out / "strength.md").read_text()  # planned, not trained: a row of -
   assert (out / "state" / "done" / "adam24" / "baseline.tar.gz").exists()
   assert _mtimes(root) == finished
+
+
+@pytest.mark.parametrize("script,verbs", [("fmnist_r20_strength", "nothing, extra, report or save"),
+                                          ("fmnist_reactnet", "nothing, report or save")])
+def test_results_run_sh_refuses_an_unknown_verb_in_one_line(tmp_path, script, verbs):
+  """`bash results/<name>/run.sh <typo>` trains nothing and says what it takes."""
+  env = dict(os.environ, LNS_STRENGTH_DIR=str(tmp_path / "w"), LNS_REACTNET_DIR=str(tmp_path / "w"),
+             LNS_STRENGTH_RESULTS=str(tmp_path / "r"), LNS_REACTNET_RESULTS=str(tmp_path / "r"))
+  p = subprocess.run(["bash", f"results/{script}/run.sh", "reprot"], env=env, cwd=ROOT,
+                     capture_output=True, text=True, timeout=60)
+  assert_one_error_line({"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr},
+                        f"takes {verbs}; got 'reprot'")
+  assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()

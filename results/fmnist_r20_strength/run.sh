@@ -13,6 +13,9 @@
 # LNS_STRENGTH_FLAGS (more flags), LNS_STRENGTH_RESULTS (where the report is copied),
 # PYTHON (default .venv/bin/python).
 set -e
+case "$1" in ""|extra|report|save) ;; *)
+  echo "error: results/fmnist_r20_strength/run.sh takes nothing, extra, report or save; got '$1'." >&2
+  exit 2;; esac
 W=${LNS_STRENGTH_DIR:-$HOME/lns_runs/strength}
 H=${LNS_STRENGTH_RESULTS:-results/fmnist_r20_strength}
 source results/store.sh
@@ -36,8 +39,6 @@ if [ -z "$1" ]; then
 elif [ "$1" = extra ]; then
   # 5. adam12 and sgd48, between sgd24 and adam24.
   $A --seeds=3 --baselines=adam12,sgd48
-elif [ "$1" != report ]; then
-  echo "run.sh takes nothing, extra, report or save; got '$1'." >&2; exit 2
 fi
 # The report of what is finished so far (trains nothing).
 $A --seeds=3 --baselines=$ALL,adam12,sgd48,adam48 --report_only

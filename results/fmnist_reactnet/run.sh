@@ -13,6 +13,9 @@
 # (default 3), LNS_REACTNET_FLAGS (more flags), LNS_REACTNET_RESULTS (where the report goes),
 # PYTHON (default .venv/bin/python).
 set -e
+case "$1" in ""|report|save) ;; *)
+  echo "error: results/fmnist_reactnet/run.sh takes nothing, report or save; got '$1'." >&2
+  exit 2;; esac
 W=${LNS_REACTNET_DIR:-$HOME/lns_runs/reactnet}
 H=${LNS_REACTNET_RESULTS:-results/fmnist_reactnet}
 P=${PYTHON:-.venv/bin/python}
@@ -22,7 +25,7 @@ if [ "$1" = save ]; then store_save "$W" $H/state; exit; fi
 store_restore "$W" $H/state
 C=${LNS_REACTNET_CONFIG:-configs/fashion_mnist_reactnet.py:val}
 A="$P -m lns_jax.ablation --config=$C --workdir=$W ${LNS_REACTNET_FLAGS:-}"
-if [ "$1" != "report" ]; then
+if [ -z "$1" ]; then
   $A --seeds=1   # seed 0 of every row first: the first picture
   # The baseline's check of convergence (issue 30's: the same recipe at twice the epochs
   # gains at most 1 point): steps 1 and 2 at twice their epochs (`x2`), the baseline alone,
