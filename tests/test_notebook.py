@@ -10,6 +10,8 @@ import re
 
 import pytest
 
+from lns_testutil import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "lns_tour.ipynb")
 BUDGET_S = 240  # a cell's limit (the whole notebook takes about 60 s on 2 idle cores)
@@ -55,7 +57,6 @@ def test_notebook_runs(monkeypatch):
   # The kernel inherits the environment: one CPU device, as a user's notebook has, not the
   # tests' two; quick compiles (LNS_FAST_COMPILE=1 for the trainer's, conftest's XLA
   # options for every other jit and eager op).
-  from lns_testutil import xla_flags
   monkeypatch.setenv("XLA_FLAGS", xla_flags())
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("LNS_FAST_COMPILE", "1")

@@ -8,8 +8,11 @@ The trained LNS stage is exported: lns_jax.inference (float and packed convs) gi
 training model's logits, and Larq Compute Engine's flatbuffer the same predictions.
 """
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -18,7 +21,7 @@ from flax import traverse_util
 
 from lns_jax import checkpoint as ckpt_lib
 from lns_jax import data, deploy, export, inference, models, reporting, trainer
-from lns_testutil import assert_same_variables, load_config
+from lns_testutil import ROOT, assert_same_variables, load_config
 
 pytestmark = pytest.mark.slow
 
@@ -133,10 +136,6 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   convergence (steps 1 and 2 at twice the epochs) distils from the same teacher; the
   all-seeds command skips the finished run; the report copies the tables and deploys step
   2 and the row through LCE."""
-  import json
-  import subprocess
-  import sys
-  from lns_testutil import ROOT
   w, out = tmp_path / "w", tmp_path / "results"
   env = dict(os.environ, LNS_REACTNET_DIR=str(w), LNS_REACTNET_RESULTS=str(out),
              LNS_REACTNET_CONFIG="configs/fashion_mnist_reactnet.py:smoke,val",
