@@ -8,9 +8,13 @@
 #                         (config.json, metrics.jsonl, result.json, summary.json), and for
 #                         a baseline its stages' final checkpoints (what the rows start
 #                         from); written once.
-#   running/<run>.tar.gz  an unfinished run with its newest checkpoints and its best one
+#   running/<run>.tar.gz  an unfinished run: its records, its finished stages' final
+#                         checkpoints, and the running stage's newest checkpoint and best one
 #                         (the resumed stage goes on comparing with it), so it resumes as
 #                         if never moved; replaced at every save, removed when it is done.
+#                         One over LNS_STORE_MAX_MB (25) is not kept: git carries every
+#                         save's bytes for good, and an LNS row's mapping state is 50 MB
+#                         for a 25-minute run, which a new machine reruns from its start.
 # TensorBoard events are left out (metrics.jsonl has the same).
 
 # store_save WORKDIR STATE: packs WORKDIR's runs into STATE.
@@ -30,10 +34,36 @@ store_save() {
       out=$S/running/$rel.tar.gz
       # Unchanged since its last archive: the same bytes again would be a new blob in git.
       [ -f "$out" ] && [ -z "$(find "$d" -newer "$out" -print -quit)" ] && continue
+      excl+=($(store_stale "$d"))
     fi
     mkdir -p "$(dirname "$out")"
-    tar -C "$d" "${excl[@]}" -czf "$out.tmp" . && mv "$out.tmp" "$out"
+    tar -C "$d" "${excl[@]}" -czf "$out.tmp" . || return 1
+    local mb=$(( $(stat -c %s "$out.tmp") / 1048576 ))
+    if [ "$mb" -ge "${LNS_STORE_MAX_MB:-25}" ]; then
+      rm -f "$out.tmp"
+      echo "not saved $out ($mb MB, over LNS_STORE_MAX_MB=${LNS_STORE_MAX_MB:-25}):" \
+           "a new machine reruns it from its start"
+      continue
+    fi
+    mv "$out.tmp" "$out"
     echo "saved $out ($(du -h "$out" | cut -f1))"
+  done
+}
+
+# store_stale RUN: tar --exclude flags for what an unfinished run's resume never reads: a
+# finished stage's checkpoints/ and best/ (the next stage starts from its final/), and the
+# running stage's checkpoints but the newest.
+store_stale() {
+  local st steps
+  for st in "$1"/*/checkpoints; do
+    [ -d "$st" ] || continue
+    st=${st%/checkpoints}
+    if [ -f "$st/result.json" ]; then
+      echo "--exclude=./${st##*/}/checkpoints --exclude=./${st##*/}/best"
+    else
+      steps=$(ls "$st/checkpoints" | grep -E '^[0-9]+$' | sort -n | head -n -1)
+      for n in $steps; do echo "--exclude=./${st##*/}/checkpoints/$n"; done
+    fi
   done
 }
 

@@ -197,6 +197,46 @@ def _archived(path):
     return set(t.getnames())
 
 
+def _fake_run(d, stages, mb=0):
+  """A run's workdir as the trainer leaves it: stages {name: (finished, [checkpoint steps])},
+  each checkpoint holding `mb` MB of incompressible bytes."""
+  (d / "tensorboard").mkdir(parents=True)
+  (d / "config.json").write_text("{}")
+  (d / "metrics.jsonl").write_text("{}\n")
+  rng = np.random.default_rng(0)
+  for name, (finished, steps) in stages.items():
+    for sub, ss in (("checkpoints", steps), ("best", steps[:1]), ("final", steps[-1:])):
+      for n in ss if finished or sub != "final" else []:
+        (d / name / sub / str(n)).mkdir(parents=True)
+        (d / name / sub / str(n) / "state").write_bytes(rng.bytes(mb << 20))
+    if finished:
+      (d / name / "result.json").write_text("{}")
+
+
+def test_store_keeps_of_a_running_run_what_its_resume_reads(tmp_path):
+  """results/store.sh's running archive: a finished stage's final/ (the next stage starts
+  from it) but not its checkpoints/ or best/; the running stage's newest checkpoint and its
+  best; an archive over LNS_STORE_MAX_MB is not kept, and says so."""
+  w, state = tmp_path / "w", tmp_path / "state"
+  _fake_run(w / "a" / "lns" / "seed0", {"warmup": (True, [195]), "lns": (False, [390, 500, 585])})
+  out = _store("save", w, state)
+  assert "saved" in out and "not saved" not in out, out
+  got = _archived(state / "running" / "a" / "lns" / "seed0.tar.gz")
+  assert {"./warmup/result.json", "./warmup/final/195/state", "./lns/checkpoints/585/state",
+          "./lns/best/390/state", "./config.json", "./metrics.jsonl"} <= got
+  assert not any(m.startswith(("./warmup/checkpoints", "./warmup/best", "./tensorboard"))
+                 or m.startswith(("./lns/checkpoints/390", "./lns/checkpoints/500"))
+                 for m in got), sorted(got)
+  big = tmp_path / "big"
+  _fake_run(big / "b" / "baseline", {"pretrain": (False, [1, 2])}, mb=2)
+  p = subprocess.run(["bash", "-c", 'source results/store.sh && store_save "$0" "$1"',
+                      str(big), str(state)], capture_output=True, text=True, cwd=ROOT,
+                     env=dict(os.environ, LNS_STORE_MAX_MB="3"))
+  assert p.returncode == 0, p.stderr
+  assert "not saved" in p.stdout and "LNS_STORE_MAX_MB=3" in p.stdout, p.stdout
+  assert not list((state / "running" / "b").glob("*")), "neither the archive nor its .tmp"
+
+
 @pytest.mark.slow
 def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   """Two baselines (SGD, Adam), the compute-matched fine-tuning control from each (plain
