@@ -105,6 +105,23 @@ def test_strength_table_and_figure_from_hand_built_records(tmp_path):
   assert plots.strength_figure(str(tmp_path / "none.png"), {}) is None
 
 
+def test_signs_table_from_hand_built_records():
+  records = {"weak": _res(0.80, 0.45, finetune=[0.81, 0.83], lns_alpha0=[0.845]),
+             "strong": _res(0.90, 0.20, finetune=[0.9], lns_alpha0=[0.899, 0.901, 0.9])}
+  flips = {("weak", "finetune"): [0.0015, 0.0019], ("weak", "lns_alpha0"): [0.131],
+           ("strong", "finetune"): [0.0007], ("strong", "lns_alpha0"): [0.08, 0.09, None]}
+  for (name, v), fs in flips.items():
+    for rec, f in zip(records[name]["variants"][v], fs):
+      rec["flip_rate_init"] = f
+  records["strong"]["variants"]["finetune"].append({"seed": 1, "failed": "non-finite"})
+  lines = strength.signs_table(records).splitlines()
+  assert lines[0] == "| baseline | test top-1 | finetune | lns_alpha0 |"
+  ft = 100 * np.array(flips[("weak", "finetune")])
+  assert lines[2] == f"| weak | 80.00 | {ft.mean():.2f} ± {ft.std(ddof=1):.2f} | 13.10 |"
+  # A run without the record (one from before it was kept) and a failed one are left out.
+  assert lines[3] == "| strong | 90.00 | 0.07 | 8.50 ± 0.71 |"
+
+
 def test_convergence_lines_pair_a_recipe_with_itself_at_twice_the_epochs():
   sgd = lambda epochs, decay: dict(optimizer="", epochs=epochs, lr=0.1,  # noqa: E731
                                    schedule="piecewise", decay_epochs=decay, decay_factor=0.1)

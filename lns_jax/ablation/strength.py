@@ -157,6 +157,24 @@ def table(strength: dict) -> str:
   return "\n".join(rows)
 
 
+def signs_table(strength: dict) -> str:
+  """One row per baseline: its test top-1 and, per variant, the share of the binary
+  weights whose sign at the run's end differs from sign(W) at its last stage's start (the
+  run's ``flip_rate_init``: from the baseline's signs, but for LNS rows from the warm-started
+  W, which moves as little as fine-tuning moves it), in %, mean ± sample std over seeds.
+  Fig. 3c's measure, for what a variant changed as against what it gained."""
+  variants = list(dict.fromkeys(v for res in strength.values() for v in res["variants"]))
+  rows = ["| baseline | test top-1 | " + " | ".join(variants) + " |",
+          "|---|---:|" + "---:|" * len(variants)]
+  for name, res in strength.items():
+    b = res.get("baseline", {})
+    top1 = f"{100 * b['test_top1']:.2f}" if "test_top1" in b else "-"
+    cells = [mean_std([r.get("flip_rate_init") for r in res["variants"].get(v, [])
+                       if "failed" not in r]) for v in variants]
+    rows.append("| " + " | ".join([name, top1, *cells]) + " |")
+  return "\n".join(rows)
+
+
 def _doubled(short: dict, long: dict) -> bool:
   """Whether pretraining recipe ``long`` is ``short`` at twice the epochs (its decay
   points scaled), everything else the same."""
@@ -207,6 +225,9 @@ def write_report(root: str, abls: Dict[str, Ablation], config_arg: str = "") -> 
              f"full Table 1: `<name>/ablation.md`.", "", tab, ""]
     if fig:
       lines += [f"![{os.path.basename(fig)}]({os.path.basename(fig)})", ""]
+    lines += ["Signs changed: the share of the binary weights whose sign at the end differs "
+              "from sign(W) at the last stage's start, in %, mean ± sample std over seeds:",
+              "", signs_table(strength), ""]
     check = convergence(strength)
     if check:
       lines += ["Convergence (a baseline is converged when the same recipe at twice the "
