@@ -200,10 +200,11 @@ def test_cli_bad_input_one_line(cli, tmp_path, flags, expect):
   assert not (tmp_path / "w").exists()
 
 
-def _store(verb, workdir, state):
+def _store(verb, workdir, state, **env):
   """results/store.sh's store_save / store_restore, as run.sh calls them."""
   p = subprocess.run(["bash", "-c", f'source results/store.sh && store_{verb} "$0" "$1"',
-                      str(workdir), str(state)], capture_output=True, text=True, cwd=ROOT)
+                      str(workdir), str(state)], capture_output=True, text=True, cwd=ROOT,
+                     env=dict(os.environ, **env))
   assert p.returncode == 0, p.stderr
   return p.stdout
 
@@ -246,11 +247,8 @@ def test_store_keeps_of_a_running_run_what_its_resume_reads(tmp_path):
                  for m in got), sorted(got)
   big = tmp_path / "big"
   _fake_run(big / "b" / "baseline", {"pretrain": (False, [1, 2])}, mb=2)
-  p = subprocess.run(["bash", "-c", 'source results/store.sh && store_save "$0" "$1"',
-                      str(big), str(state)], capture_output=True, text=True, cwd=ROOT,
-                     env=dict(os.environ, LNS_STORE_MAX_MB="3"))
-  assert p.returncode == 0, p.stderr
-  assert "not saved" in p.stdout and "LNS_STORE_MAX_MB=3" in p.stdout, p.stdout
+  out = _store("save", big, state, LNS_STORE_MAX_MB="3")
+  assert "not saved" in out and "LNS_STORE_MAX_MB=3" in out, out
   assert not list((state / "running" / "b").glob("*")), "neither the archive nor its .tmp"
 
 

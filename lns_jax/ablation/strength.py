@@ -130,6 +130,11 @@ def figure_points(strength: dict) -> Dict[str, list]:
   return series
 
 
+def _variants(strength: dict) -> List[str]:
+  """Every variant of any baseline, in the order the plans first name them."""
+  return list(dict.fromkeys(v for res in strength.values() for v in res["variants"]))
+
+
 def _pm(values: List[float]) -> str:
   return mean_std(values, sign="+", one=" (1 seed)")
 
@@ -139,7 +144,7 @@ def table(strength: dict) -> str:
   cross-entropy and its means over the two halves of the last quarter (flat when
   converged), and each variant's test top-1 gain over it in points (mean ± sample std
   over seeds)."""
-  variants = list(dict.fromkeys(v for res in strength.values() for v in res["variants"]))
+  variants = _variants(strength)
   head = ["baseline", "recipe", "train time", "test top-1", "val top-1", "train CE (end)",
           "train CE, last quarter", *variants]
   rows = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
@@ -163,7 +168,7 @@ def signs_table(strength: dict) -> str:
   run's ``flip_rate_init``: from the baseline's signs, but for LNS rows from the warm-started
   W, which moves as little as fine-tuning moves it), in %, mean ± sample std over seeds.
   Fig. 3c's measure, for what a variant changed as against what it gained."""
-  variants = list(dict.fromkeys(v for res in strength.values() for v in res["variants"]))
+  variants = _variants(strength)
   rows = ["| baseline | test top-1 | " + " | ".join(variants) + " |",
           "|---|---:|" + "---:|" * len(variants)]
   for name, res in strength.items():
