@@ -15,6 +15,8 @@ one loop that runs a step of each in turn, so the ratios hold on a loaded machin
                                                   # the ResNet-20 CIFAR rows only
   python benchmarks/train_step.py --fmnist_batch=0 --skip_r18 --skip_input --steps=20 \
       --conv=packed --cpu_options=project,default # the XLA:CPU options on and off
+  python benchmarks/train_step.py --r20_batch=0 --reactnet_batch=64 --skip_r18 \
+      --skip_input --steps=12                     # ReActNet-20 beside ResNet-20 (28x28x1)
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def make_config(model, image_size, channels, batch):
   if model.startswith("resnet18"):
     c.model.input_binarizer = "approx_sign"
     c.model.weight_scale = "channel"
+  elif model.startswith("reactnet"):  # its configs' binarization (config.reactnet_recipe)
+    c = config_lib.reactnet_recipe(c, model, teacher="")
   c.batch_size = batch
   c.data.image_size = image_size
   return c
@@ -200,6 +204,10 @@ def parse_args(argv=None):
   p.add_argument("--fmnist_batch", type=int, default=64,
                  help="batch of the ResNet-20 rows on 28x28x1 (the embedded default's "
                       "configs/fashion_mnist_r20.py); 0 skips them")
+  p.add_argument("--reactnet_batch", type=int, default=0,
+                 help="batch of the ReActNet-20 rows on 28x28x1 (configs/"
+                      "fashion_mnist_reactnet.py's network, without its teacher); 0 (the "
+                      "default) skips them")
   p.add_argument("--r18_batch", type=int, default=0,
                  help="0: 256 on GPU/TPU, 16 on CPU (a 224x224 ResNet-18 step at 256 takes "
                       "minutes on 2 cores)")
@@ -254,6 +262,8 @@ def plan(args):
   cases = [("resnet20", 32, 3, args.r20_batch, 10)] if args.r20_batch else []
   if args.fmnist_batch:
     cases.append(("resnet20", 28, 1, args.fmnist_batch, 10))
+  if args.reactnet_batch:
+    cases.append(("reactnet20", 28, 1, args.reactnet_batch, 10))
   if not args.skip_r18:
     cases.append(("resnet18", args.r18_size, 3, r18_batch, 1000))
   option_sets = split_choices("cpu_options", args.cpu_options, OPTION_SETS)
