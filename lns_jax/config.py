@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.input_binarizer = "ste_sign"
   c.model.weight_scale = "layer"
   c.model.clip = 1.0                 # STE clip of activations and latent weights (Eq. 3)
-  c.model.conv = "auto"              # binary convs: 'xla' | 'packed' (XNOR/popcount forward) | 'auto' (lns_jax.xnor_conv)
+  c.model.conv = "auto"              # binary convs: 'xla' | 'packed' (XNOR/popcount forward) | 'bits' (XLA's forward, 1-bit residuals) | 'auto' (lns_jax.xnor_conv)
   c.model.dtype = "float32"          # the network's compute dtype: 'float32' | 'bfloat16' (lns_jax.models.DTYPES)
 
   c.mapping = ml_collections.ConfigDict()

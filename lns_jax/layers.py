@@ -69,8 +69,8 @@ class BinaryConv(nn.Module):
   ``stop_gradient``, as DoReFa does, so gradients to ``W`` are exactly the STE's.
   ``conv`` (``config.model.conv``): ``'xla'`` is XLA's float conv of the ±1 values,
   ``'packed'`` the XNOR/popcount forward with 1-bit residuals
-  (:mod:`lns_jax.xnor_conv`; same gradients), ``'auto'`` packed on a CPU backend.
-  Packing applies when both inputs and weights are binary (not ``'float'``/``'none'``)
+  (:mod:`lns_jax.xnor_conv`; same gradients), ``'bits'`` XLA's float forward with the
+  same 1-bit residuals, ``'auto'`` packed on a CPU backend. Packing applies when both inputs and weights are binary (not ``'float'``/``'none'``)
   and ``dtype`` is float32.
   """
   features: int
@@ -88,7 +88,7 @@ class BinaryConv(nn.Module):
   mapping_init: str = "random"
   mapping_conv: str = "xla"  # MappingNet.conv_impl (config.mapping.conv)
   mapping_sharding: Any = None  # MappingNet.filter_sharding: split f_theta over devices
-  conv: str = "xla"  # 'xla' | 'packed' | 'auto' (lns_jax.xnor_conv)
+  conv: str = "xla"  # 'xla' | 'packed' | 'bits' | 'auto' (lns_jax.xnor_conv)
   kernel_init: Callable = nn.initializers.kaiming_normal()
   dtype: Any = jnp.float32
 
@@ -100,7 +100,9 @@ class BinaryConv(nn.Module):
     binarize_input = quantizers.get_input_binarizer(self.input_binarizer)
     kernel = self.param("kernel", self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
-    packed = (xnor_conv.resolve(self.conv) == "packed" and self.weight_binarizer != "float"
+    impl = xnor_conv.resolve(self.conv)
+    forward = "xla" if impl == "bits" else "packed"
+    packed = (impl in ("packed", "bits") and self.weight_binarizer != "float"
               and self.input_binarizer != "none" and jnp.dtype(self.dtype) == jnp.float32)
     # ste_sign is folded into the packed conv (1-bit residuals); others binarize first.
     fold_ste = packed and self.input_binarizer == "ste_sign"
@@ -126,9 +128,10 @@ class BinaryConv(nn.Module):
     if fold_ste:
       # The clip binarize_input uses: ste_sign's default (1.0), not self.clip.
       y = xnor_conv.ste_binary_conv(x_real.astype(jnp.float32), w, scale, 1.0,
-                                    self.strides, self.padding)
+                                    self.strides, self.padding, forward)
     elif packed:
-      y = xnor_conv.binary_conv(x.astype(jnp.float32), w, scale, self.strides, self.padding)
+      y = xnor_conv.binary_conv(x.astype(jnp.float32), w, scale, self.strides, self.padding,
+                                forward)
     else:
       if scale is not None:
         w = w * scale

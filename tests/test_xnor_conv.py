@@ -1,4 +1,5 @@
-"""The packed train-step conv (lns_jax.xnor_conv) against XLA's float conv.
+"""The packed train-step conv (lns_jax.xnor_conv) against XLA's float conv, with its forward
+packed (``'packed'``) or XLA's (``'bits'``: the same 1-bit residuals and backward).
 
 Forward: the ±1 conv is an exact integer sum; times the scale it equals the float conv
 of ``wb * scale`` to float32 rounding. Backward: the same XLA convs on the same values,
@@ -38,8 +39,9 @@ GEOMETRIES = [  # (input NHWC, C_out, strides, padding)
 
 @pytest.mark.parametrize("shape,c_out,strides,padding", GEOMETRIES)
 @pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("forward", ["packed", "xla"])
 def test_forward_and_gradients_match_the_float_conv(shape, c_out, strides, padding,
-                                                    per_channel):
+                                                    per_channel, forward):
   rng = np.random.default_rng(sum(shape) + c_out)
   xb = _pm1(rng, shape)
   wb = _pm1(rng, (3, 3, shape[-1], c_out))
@@ -51,7 +53,7 @@ def test_forward_and_gradients_match_the_float_conv(shape, c_out, strides, paddi
     return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))), y
 
   grad = lambda f: jax.jit(jax.grad(functools.partial(loss, f), argnums=(0, 1), has_aux=True))
-  (gx_p, gw_p), y_p = grad(xnor_conv.binary_conv)(xb, wb)
+  (gx_p, gw_p), y_p = grad(functools.partial(xnor_conv.binary_conv, forward=forward))(xb, wb)
   (gx_f, gw_f), y_f = grad(_float)(xb, wb)
   np.testing.assert_allclose(y_p, y_f, rtol=1e-6, atol=1e-5)
   # The ±1 part is exact: the packed output over the scale is an integer.
@@ -62,7 +64,8 @@ def test_forward_and_gradients_match_the_float_conv(shape, c_out, strides, paddi
 
 
 @pytest.mark.parametrize("clip", [1.0, 0.5, None])
-def test_ste_binary_conv_equals_ste_sign_then_float_conv(clip):
+@pytest.mark.parametrize("forward", ["packed", "xla"])
+def test_ste_binary_conv_equals_ste_sign_then_float_conv(clip, forward):
   from lns_jax import quantizers
   rng = np.random.default_rng(3)
   # Values on the clip boundary, at 0 and -0.0 included.
@@ -71,7 +74,8 @@ def test_ste_binary_conv_equals_ste_sign_then_float_conv(clip):
   wb = _pm1(rng, (3, 3, 20, 7))
   scale = jnp.float32(0.61)
   r = jnp.asarray(rng.standard_normal((2, 6, 6, 7)), jnp.float32)
-  packed = lambda x, w: jnp.sum(r * xnor_conv.ste_binary_conv(x, w, scale, clip))
+  packed = lambda x, w: jnp.sum(r * xnor_conv.ste_binary_conv(x, w, scale, clip,
+                                                              forward=forward))
   ref = lambda x, w: jnp.sum(r * _float(quantizers.ste_sign(x, clip), w, scale, (1, 1), "SAME"))
   vp, (gxp, gwp) = jax.jit(jax.value_and_grad(packed, argnums=(0, 1)))(x, wb)
   vr, (gxr, gwr) = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(x, wb)
@@ -87,6 +91,9 @@ def test_bad_shapes_and_impls_raise():
     xnor_conv.binary_conv(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 2, 4)), 1.0)
   with pytest.raises(ValueError):
     xnor_conv.resolve("cudnn")
+  with pytest.raises(ValueError, match="forward must be 'packed' or 'xla'"):
+    xnor_conv.binary_conv(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 3, 4)), 1.0, forward="bits")
+  assert xnor_conv.resolve("bits") == "bits"
   assert xnor_conv.resolve("xla") == "xla"
   assert xnor_conv.resolve("auto") == ("packed" if jax.default_backend() == "cpu" else "xla")
 
@@ -94,12 +101,13 @@ def test_bad_shapes_and_impls_raise():
 @pytest.mark.parametrize("weights", ["sign", "lns"])
 @pytest.mark.parametrize("scale", ["layer", "channel"])
 @pytest.mark.parametrize("inputs", ["ste_sign", "approx_sign"])
-def test_binary_conv_layer_packed_equals_xla(weights, scale, inputs):
+@pytest.mark.parametrize("impl", ["packed", "bits"])
+def test_binary_conv_layer_packed_equals_xla(weights, scale, inputs, impl):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((2, 6, 6, 8)), jnp.float32)
   kw = dict(features=12, strides=(2, 2), weight_binarizer=weights, weight_scale=scale,
             input_binarizer=inputs)
-  ref, packed = BinaryConv(conv="xla", **kw), BinaryConv(conv="packed", **kw)
+  ref, packed = BinaryConv(conv="xla", **kw), BinaryConv(conv=impl, **kw)
   variables = ref.init(jax.random.key(0), x, train=False)
 
   def loss(m, params, x):

@@ -26,7 +26,7 @@ class BinaryNet(nn.Module):
   mapping_init: str = "random"
   mapping_conv: str = "xla"
   mapping_sharding: Any = None
-  conv: str = "xla"  # BinaryConv.conv: 'xla' | 'packed' | 'auto' (config.model.conv)
+  conv: str = "xla"  # BinaryConv.conv: 'xla' | 'packed' | 'bits' | 'auto' (config.model.conv)
   bn_momentum: float = 0.9
   dtype: Any = jnp.float32
 
