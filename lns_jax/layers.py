@@ -70,8 +70,9 @@ class BinaryConv(nn.Module):
   ``conv`` (``config.model.conv``): ``'xla'`` is XLA's float conv of the ±1 values,
   ``'packed'`` the XNOR/popcount forward with 1-bit residuals
   (:mod:`lns_jax.xnor_conv`; same gradients), ``'bits'`` XLA's float forward with the
-  same 1-bit residuals, ``'auto'`` packed on a CPU backend. Packing applies when both inputs and weights are binary (not ``'float'``/``'none'``)
-  and ``dtype`` is float32.
+  same 1-bit residuals, ``'auto'`` packed on a CPU backend. Packing and ``'bits'`` apply
+  when both inputs and weights are binary (not ``'float'``/``'none'``) and ``dtype`` is
+  float32.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)

@@ -18,7 +18,8 @@ HWIO, as :func:`lns_jax.layers.conv2d`) for ±1 inputs ``xb`` and ±1 weights ``
 ``conv(xb, wb) * scale`` and ``conv(xb, wb * scale)`` differ only by rounding: the
 float conv rounds each partial sum of ``±scale``, the packed one multiplies the exact
 integer sum once. ``xb`` and ``wb`` must be ±1 (``sign`` outputs, ``sign(0) = +1``):
-any other value is taken by its sign, so this is not a general conv.
+any other value is taken by its sign (by the packed forward and the backward; XLA's
+forward takes it as it is), so this is not a general conv.
 
 Speed (``benchmarks/train_step.py``, rows 'packed'): on the 2-core AVX-512 VPOPCNTDQ
 CPU the packed forward of ResNet-20's layers is 3-6x faster than XLA:CPU's float conv
@@ -30,8 +31,8 @@ a CPU backend only.
 forward with XLA's float conv (``forward='xla'``). The packed forward is a chain of
 elementwise ops, which XLA fuses into, and so recomputes in, each consumer of the conv's
 output; a ReActNet unit has many (BatchNorm, the shortcut, RPReLU, the next RSign and their
-gradients), and there 'bits' is the fastest: ReActNet-20's step 177 ms against 205 with
-'xla' and 247 packed (DECISIONS 26). ResNet-20's is fastest packed (132 against 150 'bits').
+gradients), and there 'bits' is the fastest: ReActNet-20's step 179 ms against 211 with
+'xla' and 240 packed (DECISIONS 26). ResNet-20's is fastest packed (133 against 150 'bits').
 """
 
 from __future__ import annotations
