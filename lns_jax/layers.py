@@ -70,9 +70,9 @@ class BinaryConv(nn.Module):
   ``conv`` (``config.model.conv``): ``'xla'`` is XLA's float conv of the ±1 values,
   ``'packed'`` the XNOR/popcount forward with 1-bit residuals
   (:mod:`lns_jax.xnor_conv`; same gradients), ``'bits'`` XLA's float forward with the
-  same 1-bit residuals, ``'auto'`` packed on a CPU backend. Packing and ``'bits'`` apply
-  when both inputs and weights are binary (not ``'float'``/``'none'``) and ``dtype`` is
-  float32.
+  same 1-bit residuals, ``'auto'`` packed on a CPU backend. Packing applies when both
+  inputs and weights are binary (not ``'float'``/``'none'``), ``'bits'`` when the inputs
+  are (the weights may be real: ReActNet's step 1), and both when ``dtype`` is float32.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -103,7 +103,8 @@ class BinaryConv(nn.Module):
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     impl = xnor_conv.resolve(self.conv)
     forward = "xla" if impl == "bits" else "packed"
-    packed = (impl in ("packed", "bits") and self.weight_binarizer != "float"
+    # 'bits' with real weights (ReActNet's step 1): XLA's forward, the input's bits kept.
+    packed = ((impl == "bits" or (impl == "packed" and self.weight_binarizer != "float"))
               and self.input_binarizer != "none" and jnp.dtype(self.dtype) == jnp.float32)
     # ste_sign is folded into the packed conv (1-bit residuals); others binarize first.
     fold_ste = packed and self.input_binarizer == "ste_sign"
@@ -126,13 +127,14 @@ class BinaryConv(nn.Module):
       if not self.is_initializing():  # init must not leave stale pairs in the variables
         self.sow(LNS_COLLECTION, "pairs", (q_hat, q_tilde))
       w = quantizers.mapping_sign(q_hat, self.mapping_ste, self.mapping_clip)
+    one_if_none = lambda s: 1.0 if s is None else s  # real weights: no scale
     if fold_ste:
       # The clip binarize_input uses: ste_sign's default (1.0), not self.clip.
-      y = xnor_conv.ste_binary_conv(x_real.astype(jnp.float32), w, scale, 1.0,
+      y = xnor_conv.ste_binary_conv(x_real.astype(jnp.float32), w, one_if_none(scale), 1.0,
                                     self.strides, self.padding, forward)
     elif packed:
-      y = xnor_conv.binary_conv(x.astype(jnp.float32), w, scale, self.strides, self.padding,
-                                forward)
+      y = xnor_conv.binary_conv(x.astype(jnp.float32), w, one_if_none(scale), self.strides,
+                                self.padding, forward)
     else:
       if scale is not None:
         w = w * scale

@@ -98,10 +98,11 @@ def test_bad_shapes_and_impls_raise():
   assert xnor_conv.resolve("auto") == ("packed" if jax.default_backend() == "cpu" else "xla")
 
 
-@pytest.mark.parametrize("weights", ["sign", "lns"])
+# 'bits' also takes real weights (ReActNet's step 1); 'packed' leaves those to XLA's conv.
+@pytest.mark.parametrize("weights,impl", [("sign", "packed"), ("lns", "packed"),
+                                          ("sign", "bits"), ("lns", "bits"), ("float", "bits")])
 @pytest.mark.parametrize("scale", ["layer", "channel"])
 @pytest.mark.parametrize("inputs", ["ste_sign", "approx_sign"])
-@pytest.mark.parametrize("impl", ["packed", "bits"])
 def test_binary_conv_layer_packed_equals_xla(weights, scale, inputs, impl):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((2, 6, 6, 8)), jnp.float32)
