@@ -16,7 +16,7 @@ one loop that runs a step of each in turn, so the ratios hold on a loaded machin
   python benchmarks/train_step.py --fmnist_batch=0 --skip_r18 --skip_input --steps=20 \
       --conv=packed --cpu_options=project,default # the XLA:CPU options on and off
   python benchmarks/train_step.py --r20_batch=0 --reactnet_batch=64 --skip_r18 \
-      --skip_input --steps=12                     # ReActNet-20 beside ResNet-20 (28x28x1)
+      --skip_input --steps=12 --conv=xla,packed,bits  # ReActNet-20 beside ResNet-20
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def parse_args(argv=None):
   p.add_argument("--conv", default="xla,packed",
                  help="comma-separated config.model.conv values, a row pair each: 'xla' "
                       "(XLA's float conv of the ±1 values), 'packed' (XNOR/popcount forward, "
-                      "lns_jax.xnor_conv), 'auto'")
+                      "lns_jax.xnor_conv), 'bits' (XLA's forward, 1-bit residuals), 'auto'")
   p.add_argument("--stages", default="pretrain,lns",
                  help="comma-separated step kinds: 'pretrain' (the baseline step, sign "
                       "weights), 'lns' (Eq. 21)")

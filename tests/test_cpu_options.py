@@ -125,6 +125,25 @@ def test_train_step_benchmark_prints_a_row_per_option_set_and_dtype():
   assert "project compiler options: {'xla_cpu_experimental_ynn_fusion_type'" in r.stdout
 
 
+def test_train_step_benchmark_reactnet_rows_show_why_its_config_trains_with_bits():
+  """docs/performance.md's ReActNet-20 command, compile only: its rows, and the measurement
+  behind DECISIONS 26. XLA recomputes the packed forward's fused popcounts in each consumer
+  of a ReActNet conv, so the packed step counts more FLOPs than the 'bits' one (XLA's
+  forward); if a later XLA stops doing that, this fails and the config's 'bits' is worth
+  measuring again."""
+  r = subprocess.run([sys.executable, "benchmarks/train_step.py", "--r20_batch=0",
+                      "--fmnist_batch=0", "--reactnet_batch=2", "--skip_r18", "--skip_input",
+                      "--steps=0", "--stages=pretrain", "--conv=bits,packed"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  cells = [[c.strip() for c in l.split("|")] for l in r.stdout.splitlines()
+           if l.startswith("| reactnet20")]
+  assert [(c[2], c[3], c[5]) for c in cells] == [("28x28x1", "2", "bits"),
+                                                 ("28x28x1", "2", "packed")]
+  gflop = {c[5]: float(c[10]) for c in cells}
+  assert gflop["packed"] > 1.1 * gflop["bits"] > 0, gflop
+
+
 @pytest.mark.parametrize("flag,message", [
     ("--cpu_options=fastest", "--cpu_options takes project, default, got 'fastest'."),
     ("--stages=warmup", "--stages takes pretrain, lns, got 'warmup'."),
