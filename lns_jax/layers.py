@@ -103,11 +103,12 @@ class BinaryConv(nn.Module):
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     impl = xnor_conv.resolve(self.conv)
     forward = "xla" if impl == "bits" else "packed"
-    # 'bits' with real weights (ReActNet's step 1): XLA's forward, the input's bits kept.
-    packed = ((impl == "bits" or (impl == "packed" and self.weight_binarizer != "float"))
-              and self.input_binarizer != "none" and jnp.dtype(self.dtype) == jnp.float32)
-    # ste_sign is folded into the packed conv (1-bit residuals); others binarize first.
-    fold_ste = packed and self.input_binarizer == "ste_sign"
+    # The 1-bit-residual paths (lns_jax.xnor_conv): 'packed' needs binary weights, 'bits'
+    # (XLA's forward) also takes real ones (ReActNet's step 1).
+    one_bit = ((impl == "bits" or (impl == "packed" and self.weight_binarizer != "float"))
+               and self.input_binarizer != "none" and jnp.dtype(self.dtype) == jnp.float32)
+    # ste_sign is folded into the 1-bit conv (its mask kept as bits); others binarize first.
+    fold_ste = one_bit and self.input_binarizer == "ste_sign"
     x_real = x
     if not fold_ste:
       x = binarize_input(x)
@@ -127,14 +128,15 @@ class BinaryConv(nn.Module):
       if not self.is_initializing():  # init must not leave stale pairs in the variables
         self.sow(LNS_COLLECTION, "pairs", (q_hat, q_tilde))
       w = quantizers.mapping_sign(q_hat, self.mapping_ste, self.mapping_clip)
-    one_if_none = lambda s: 1.0 if s is None else s  # real weights: no scale
-    if fold_ste:
-      # The clip binarize_input uses: ste_sign's default (1.0), not self.clip.
-      y = xnor_conv.ste_binary_conv(x_real.astype(jnp.float32), w, one_if_none(scale), 1.0,
-                                    self.strides, self.padding, forward)
-    elif packed:
-      y = xnor_conv.binary_conv(x.astype(jnp.float32), w, one_if_none(scale), self.strides,
-                                self.padding, forward)
+    if one_bit:
+      s = 1.0 if scale is None else scale  # real weights have no scale
+      if fold_ste:
+        # The clip binarize_input uses: ste_sign's default (1.0), not self.clip.
+        y = xnor_conv.ste_binary_conv(x_real.astype(jnp.float32), w, s, 1.0, self.strides,
+                                      self.padding, forward)
+      else:
+        y = xnor_conv.binary_conv(x.astype(jnp.float32), w, s, self.strides, self.padding,
+                                  forward)
     else:
       if scale is not None:
         w = w * scale
