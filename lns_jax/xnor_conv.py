@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lns_jax import bitpack
+from lns_jax import bitpack, quantizers
 
 Array = jax.Array
 Padding = Union[str, Sequence[Tuple[int, int]]]
@@ -114,8 +114,8 @@ def _ste_binary_conv(x, wb, scale, clip, strides, padding, float_forward):
 
 
 def _ste_fwd(x, wb, scale, clip, strides, padding, float_forward):
-  # The packed forward packs x's sign itself; XLA's conv needs the ±1 values (sign(0) = +1).
-  xb = jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype) if float_forward else x
+  # The packed forward packs x's sign itself; XLA's conv needs the ±1 values.
+  xb = quantizers.sign(x) if float_forward else x
   y, (xp, wb, scale) = _fwd(xb, wb, scale, strides, padding, float_forward)
   mp = None if clip is None else bitpack.pack_bits(jnp.abs(x) <= clip, axis=-1)
   return y, (xp, mp, wb, scale)
