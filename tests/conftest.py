@@ -40,12 +40,14 @@ import pytest  # noqa: E402
 
 # Files in order of cost, heaviest first, so that the two xdist workers (--dist loadfile
 # without xdist's by-test-count reorder, see pyproject.toml) end close together rather
-# than one of them running the last heavy file alone. test_export is second: the first
-# worker trains the shared smoke run (full_run below) while the other runs test_ablation,
-# which does not use it. Files not listed keep their collection order, after these.
+# than one of them running the last heavy file alone. test_reactnet_train is first (about
+# 260 s alone on the 2-core EPYC, session 20: its run.sh test and its five-stage fixture),
+# test_ablation second (about 160 s); test_export third: the worker that is free first
+# trains the shared smoke run (full_run below), which neither of the first two uses.
+# Files not listed keep their collection order, after these.
 # Update the list when a file's cost changes a lot (`pytest --durations=0`).
 _FILE_ORDER = [
-    "test_ablation.py", "test_export.py", "test_reactnet_train.py", "test_configs_run.py",
+    "test_reactnet_train.py", "test_ablation.py", "test_export.py", "test_configs_run.py",
     "test_deploy.py", "test_cpu_options.py", "test_cli.py", "test_process_lost.py",
     "test_robustness.py", "test_strength.py", "test_multihost.py", "test_notebook.py",
     "test_paper_recipe.py", "test_xnor_conv.py", "test_lns_effect.py", "test_first_run.py",
