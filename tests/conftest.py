@@ -40,9 +40,9 @@ import pytest  # noqa: E402
 
 # Files in order of cost, heaviest first, so that the two xdist workers (--dist loadfile
 # without xdist's by-test-count reorder, see pyproject.toml) end close together rather
-# than one of them running the last heavy file alone. test_reactnet_train is first (about
-# 260 s alone on the 2-core EPYC, session 20: its run.sh test and its five-stage fixture),
-# test_ablation second (about 160 s); test_export third: the worker that is free first
+# than one of them running the last heavy file alone. test_reactnet_train is first (266 s
+# in the suite on the 2-core EPYC, session 20: its run.sh test and its five-stage fixture),
+# test_ablation second (150 s); test_export third: the worker that is free first
 # trains the shared smoke run (full_run below), which neither of the first two uses.
 # Files not listed keep their collection order, after these.
 # Update the list when a file's cost changes a lot (`pytest --durations=0`).
