@@ -122,6 +122,28 @@ def test_signs_table_from_hand_built_records():
   assert lines[3] == "| strong | 90.00 | 0.07 | 8.50 ± 0.71 |"
 
 
+def test_best_val_table_from_hand_built_records():
+  """The gains at each run's best-validation epoch: its test top-1 there minus the
+  baseline's final one; a failed run and one without the record are left out."""
+  records = {"weak": _res(0.80, 0.45, finetune=[0.81, 0.83], lns_alpha0=[0.84, 0.85, 0.7995]),
+             "strong": _res(0.90, 0.20, finetune=[0.9], lns_alpha0=[0.899, 0.901]),
+             "empty": {"baseline": {}, "variants": {"finetune": []}}}
+  best = {("weak", "finetune"): [0.815, 0.825], ("weak", "lns_alpha0"): [0.858, 0.853, 0.8482],
+          ("strong", "finetune"): [0.897], ("strong", "lns_alpha0"): [0.896, None]}
+  for (name, v), bs in best.items():
+    for rec, b in zip(records[name]["variants"][v], bs):
+      if b is not None:
+        rec["best_test_top1"] = b
+  records["strong"]["variants"]["finetune"].append({"seed": 1, "failed": "non-finite",
+                                                    "best_test_top1": 0.1})
+  lines = strength.best_val_table(records).splitlines()
+  assert lines[0] == "| baseline | test top-1 | finetune | lns_alpha0 |"
+  la0 = 100 * (np.array(best[("weak", "lns_alpha0")]) - 0.80)
+  assert lines[2] == f"| weak | 80.00 | +2.00 ± 0.71 | +{la0.mean():.2f} ± {la0.std(ddof=1):.2f} |"
+  assert lines[3] == "| strong | 90.00 | -0.30 (1 seed) | -0.40 (1 seed) |"
+  assert lines[4] == "| empty | - | - | - |"
+
+
 def test_convergence_lines_pair_a_recipe_with_itself_at_twice_the_epochs():
   sgd = lambda epochs, decay: dict(optimizer="", epochs=epochs, lr=0.1,  # noqa: E731
                                    schedule="piecewise", decay_epochs=decay, decay_factor=0.1)
@@ -320,6 +342,9 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   assert cfg["finetune"]["epochs"] == 1.0 and cfg["pretrain"]["optimizer"] == "adam"
   md = (root / "strength.md").read_text()
   assert "| sgd12 |" in md and "| adam12 |" in md and "strength.png" in md
+  # The gains at the best-validation epoch, from the runs' own records.
+  assert strength.best_val_table(saved) in md
+  assert saved["sgd12"]["variants"]["finetune_matched"][0]["best_test_top1"] > 0
   assert (root / "strength.png").stat().st_size > 5000
   # (A rerun of the finished command starting nothing is test_ablation's p2.)
   # A baseline alone (adam12's convergence check at twice the epochs): the report keeps
