@@ -162,44 +162,42 @@ def table(strength: dict) -> str:
   return "\n".join(rows)
 
 
-def best_val_table(strength: dict) -> str:
-  """One row per baseline: its test top-1 and each variant's gain measured at the epoch of
-  its best validation top-1 (``best_test_top1``: chooses nothing on the test split), in
-  points, mean ± sample std over seeds. A run's last evaluation can sit a point or two
-  off its neighbours (issue 30's sgd12, lns_alpha0 seed 2: -0.05 final, +1.82 here), so the
-  final-epoch table is read beside this one."""
+def _per_variant_table(strength: dict, cell) -> str:
+  """One row per baseline: its test top-1, then ``cell(baseline record, finished runs of
+  the variant)`` per variant."""
   variants = _variants(strength)
   rows = ["| baseline | test top-1 | " + " | ".join(variants) + " |",
           "|---|---:|" + "---:|" * len(variants)]
   for name, res in strength.items():
     b = res.get("baseline", {})
     top1 = f"{100 * b['test_top1']:.2f}" if "test_top1" in b else "-"
-    base = b.get("test_top1")
-    cells = []
-    for v in variants:
-      runs = [r for r in res["variants"].get(v, []) if "failed" not in r]
-      cells.append(_pm([r["best_test_top1"] - base for r in runs if "best_test_top1" in r]
-                       if base is not None else []))
+    cells = [cell(b, [r for r in res["variants"].get(v, []) if "failed" not in r])
+             for v in variants]
     rows.append("| " + " | ".join([name, top1, *cells]) + " |")
   return "\n".join(rows)
+
+
+def best_val_table(strength: dict) -> str:
+  """Each variant's gain measured at the epoch of its best validation top-1
+  (``best_test_top1``: chooses nothing on the test split), in points, mean ± sample std
+  over seeds. A run's last evaluation can sit a point or two off its neighbours (issue 30's
+  sgd12, lns_alpha0 seed 2: -0.05 final, +1.82 here), so the final-epoch table is read
+  beside this one."""
+  def cell(b, runs):
+    if "test_top1" not in b:
+      return "-"
+    return _pm([r["best_test_top1"] - b["test_top1"] for r in runs if "best_test_top1" in r])
+  return _per_variant_table(strength, cell)
 
 
 def signs_table(strength: dict) -> str:
-  """One row per baseline: its test top-1 and, per variant, the share of the binary
-  weights whose sign at the run's end differs from sign(W) at its last stage's start (the
-  run's ``flip_rate_init``: from the baseline's signs, but for LNS rows from the warm-started
-  W, which moves as little as fine-tuning moves it), in %, mean ± sample std over seeds.
-  Fig. 3c's measure, for what a variant changed as against what it gained."""
-  variants = _variants(strength)
-  rows = ["| baseline | test top-1 | " + " | ".join(variants) + " |",
-          "|---|---:|" + "---:|" * len(variants)]
-  for name, res in strength.items():
-    b = res.get("baseline", {})
-    top1 = f"{100 * b['test_top1']:.2f}" if "test_top1" in b else "-"
-    cells = [mean_std([r.get("flip_rate_init") for r in res["variants"].get(v, [])
-                       if "failed" not in r]) for v in variants]
-    rows.append("| " + " | ".join([name, top1, *cells]) + " |")
-  return "\n".join(rows)
+  """Per variant, the share of the binary weights whose sign at the run's end differs from
+  sign(W) at its last stage's start (the run's ``flip_rate_init``: from the baseline's
+  signs, but for LNS rows from the warm-started W, which moves as little as fine-tuning
+  moves it), in %, mean ± sample std over seeds. Fig. 3c's measure, for what a variant
+  changed as against what it gained."""
+  return _per_variant_table(
+      strength, lambda b, runs: mean_std([r.get("flip_rate_init") for r in runs]))
 
 
 def _doubled(short: dict, long: dict) -> bool:
