@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -107,9 +107,11 @@ def collect(root: str, abls: Dict[str, Ablation]) -> dict:
   return {n: out[n] for n in order}
 
 
-def gains(results: dict, key: str = "test_top1") -> Dict[str, List[float]]:
-  """``{variant: [its runs' key - the baseline's key]}`` (finished runs; fractions)."""
-  base = results.get("baseline", {}).get(key)
+def gains(results: dict, key: str = "test_top1",
+          base_key: Optional[str] = None) -> Dict[str, List[float]]:
+  """``{variant: [its runs' key - the baseline's base_key (default: key)]}`` (finished
+  runs; fractions)."""
+  base = results.get("baseline", {}).get(base_key or key)
   if base is None:
     return {}
   return {v: [r[key] - base for r in recs if key in r and "failed" not in r]
@@ -162,18 +164,17 @@ def table(strength: dict) -> str:
   return "\n".join(rows)
 
 
-def _per_variant_table(strength: dict, cell) -> str:
-  """One row per baseline: its test top-1, then ``cell(baseline record, finished runs of
-  the variant)`` per variant."""
+def _per_variant_table(strength: dict, cells) -> str:
+  """One row per baseline: its test top-1, then ``cells(its record)[variant]`` per variant
+  (``-`` where missing)."""
   variants = _variants(strength)
   rows = ["| baseline | test top-1 | " + " | ".join(variants) + " |",
           "|---|---:|" + "---:|" * len(variants)]
   for name, res in strength.items():
     b = res.get("baseline", {})
     top1 = f"{100 * b['test_top1']:.2f}" if "test_top1" in b else "-"
-    cells = [cell(b, [r for r in res["variants"].get(v, []) if "failed" not in r])
-             for v in variants]
-    rows.append("| " + " | ".join([name, top1, *cells]) + " |")
+    row = cells(res)
+    rows.append("| " + " | ".join([name, top1, *(row.get(v, "-") for v in variants)]) + " |")
   return "\n".join(rows)
 
 
@@ -183,11 +184,8 @@ def best_val_table(strength: dict) -> str:
   over seeds. A run's last evaluation can sit a point or two off its neighbours (issue 30's
   sgd12, lns_alpha0 seed 2: -0.05 final, +1.82 here), so the final-epoch table is read
   beside this one."""
-  def cell(b, runs):
-    if "test_top1" not in b:
-      return "-"
-    return _pm([r["best_test_top1"] - b["test_top1"] for r in runs if "best_test_top1" in r])
-  return _per_variant_table(strength, cell)
+  return _per_variant_table(strength, lambda res: {
+      v: _pm(g) for v, g in gains(res, "best_test_top1", base_key="test_top1").items()})
 
 
 def signs_table(strength: dict) -> str:
@@ -196,8 +194,9 @@ def signs_table(strength: dict) -> str:
   signs, but for LNS rows from the warm-started W, which moves as little as fine-tuning
   moves it), in %, mean ± sample std over seeds. Fig. 3c's measure, for what a variant
   changed as against what it gained."""
-  return _per_variant_table(
-      strength, lambda b, runs: mean_std([r.get("flip_rate_init") for r in runs]))
+  return _per_variant_table(strength, lambda res: {
+      v: mean_std([r.get("flip_rate_init") for r in recs if "failed" not in r])
+      for v, recs in res["variants"].items()})
 
 
 def _doubled(short: dict, long: dict) -> bool:
