@@ -88,6 +88,12 @@ def test_two_step_training_distils_and_resumes_in_step_two(reactnet_run, tmp_pat
   assert_same_variables(ckpt_lib.load_variables(os.path.join(ref, "pretrain", "final")), saved)
 
 
+def _test_images(cfg):
+  """The config's test split, every image, as one array."""
+  return np.concatenate([b["image"] for b in data.eval_iterator(cfg.data, "test",
+                                                                batch_size=cfg.batch_size)])
+
+
 def _have_lce():
   try:
     deploy.lce_python()
@@ -111,8 +117,7 @@ def test_export_and_inference_agree_with_the_trained_model(reactnet_run, tmp_pat
   info = data.get_info(cfg.data)
   train_model = models.from_config(cfg, "lns", info.num_classes)
   variables = ckpt_lib.load_variables(f"{run}/lns")
-  images = np.concatenate([b["image"] for b in data.eval_iterator(cfg.data, "test",
-                                                                  batch_size=cfg.batch_size)])
+  images = _test_images(cfg)
   want = np.asarray(jax.jit(lambda v, x: train_model.apply(v, x, train=False))(variables, images))
   model = inference.load(npz, config=cfg)
   got = np.asarray(inference.predict(model, images))
@@ -170,8 +175,7 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   # LCE's interpreter gives lns_jax.inference's logits (packed convs) on the test images.
   c = load_config("fashion_mnist_reactnet.py", "smoke,val")
   c.data.eval_examples = 32
-  images = np.concatenate([b["image"] for b in data.eval_iterator(c.data, "test",
-                                                                  batch_size=c.batch_size)])
+  images = _test_images(c)
   model = inference.load(str(w / "lns_alpha0_seed0.npz"), config=c)
   packed = np.asarray(inference.predict(model, images, use_packed=True))
   lce, _ = deploy.run(str(w / "lns_alpha0_seed0.tflite"), images)
