@@ -8,6 +8,6 @@
 [ "$1" = save ] && { bash results/fmnist_r20_strength/run.sh save
                      bash results/fmnist_reactnet/run.sh save; exit; }
 set -e
-bash results/fmnist_r20_strength/run.sh       # issue 30: ~8 h idle left on 2 cores (2026-12-06)
+bash results/fmnist_r20_strength/run.sh       # issue 30: done (2026-12-07); skips its runs in ~1 min
 bash results/fmnist_reactnet/run.sh           # issue 32, item 6: ~7 h idle, and its check
 bash results/fmnist_r20_strength/run.sh extra # issue 30's strengths between: ~7 h, if there is time
