@@ -96,3 +96,90 @@ def test_the_seed_counts_the_readme_states(records):
     assert f"Still running (issue 30): seeds 1-2 of `{name}`" in readme, name
   if not short:
     assert "Still running (issue 30)" not in readme
+
+
+# Issue 32: LNS on a ReActNet-20 (results/fmnist_reactnet, which its run.sh copies from the
+# workdir): the teacher's, step 1's and step 2's test top-1 (baseline_stages.md, the
+# baseline's own stage table), each variant's records (ablation.json), the convergence
+# check (baseline_x2_stages.md) and the LCE flatbuffer (lns_alpha0_seed0_deploy.txt).
+REACTNET = os.path.join(ROOT, "results", "fmnist_reactnet")
+DOREFA = "adam24"  # the DoReFa ResNet-20 of the same size, converged, on the same split
+
+
+def _stage_top1(name):
+  """``{stage: (epochs, test top-1 in %)}`` of a committed stage table."""
+  rows = {}
+  for line in _read(os.path.join("results", "fmnist_reactnet", name)).splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if line.startswith("|") and len(cells) > 2 and re.fullmatch(r"[\d.]+%", cells[2]):
+      rows[cells[0]] = (float(cells[1]), float(cells[2].rstrip("%")))
+  return rows
+
+
+@pytest.fixture(scope="module")
+def reactnet():
+  with open(os.path.join(REACTNET, "ablation.json")) as f:
+    res = json.load(f)
+  with open(os.path.join(RESULTS, "strength.json")) as f:
+    dorefa = 100 * json.load(f)[DOREFA]["baseline"]["test_top1"]
+  return res, _stage_top1("baseline_stages.md"), dorefa
+
+
+def test_readme_reactnet_table_is_the_records(reactnet):
+  res, stages, dorefa = reactnet
+  rows = _rows(_read("README.md"), "| ReActNet-20 (`fashion_mnist_reactnet.py:val`")
+  # the same run: ablation.json's baseline is step 2 (the stage table rounds to 0.01)
+  assert 100 * res["baseline"]["test_top1"] == pytest.approx(stages["pretrain"][1], abs=5e-3)
+  tops = {v: xs for v, xs in _values(res, minus_baseline=False).items() if xs}
+  assert set(rows) == {"teacher", "step1", "pretrain"} | set(tops)
+  for stage in ("teacher", "step1", "pretrain"):
+    assert rows[stage]["test top-1"] == f"{stages[stage][1]:.2f}", stage
+  assert rows["pretrain"][f"minus `{DOREFA}`"] == f"{stages['pretrain'][1] - dorefa:+.2f}"
+  for v, xs in tops.items():
+    assert rows[v]["test top-1"] == _cell(xs, fmt="{:.2f}", count=True), v
+    assert rows[v]["minus step 2"] == _cell(_values(res)[v]), v
+    assert rows[v][f"minus `{DOREFA}`"] == f"{np.mean(xs) - dorefa:+.2f}", v
+
+
+def test_results_md_reactnet_tables_are_the_records(reactnet):
+  res, stages, _ = reactnet
+  text = _read(os.path.join("docs", "results.md"))
+  rows = _rows(text, "| ReActNet-20 variant | test top-1 per seed |")
+  tops = {v: xs for v, xs in _values(res, minus_baseline=False).items() if xs}
+  assert set(rows) == set(tops)
+  for v, xs in tops.items():
+    assert rows[v]["test top-1 per seed"] == ", ".join(f"{x:.2f}" for x in xs), v
+    assert rows[v]["minus step 2"] == _cell(_values(res)[v]), v
+    assert rows[v]["at the best-val epoch, minus step 2"] == _cell(
+        _values(res, "best_test_top1")[v]), v
+    assert rows[v]["signs changed (%)"] == _cell(
+        _values(res, "flip_rate_init", minus_baseline=False)[v], fmt="{:.2f}"), v
+  # The check of convergence: the same stages at twice the epochs.
+  check = _rows(text, "| ReActNet-20 stage | epochs | test top-1 |")
+  x2 = (_stage_top1("baseline_x2_stages.md")
+        if os.path.exists(os.path.join(REACTNET, "baseline_x2_stages.md")) else {})
+  assert set(check) == set(stages)
+  for stage, (epochs, top1) in stages.items():
+    assert check[stage]["epochs"] == f"{epochs:g}", stage
+    assert check[stage]["test top-1"] == f"{top1:.2f}", stage
+    want = (f"{x2[stage][1]:.2f} ({x2[stage][0]:g} epochs)" if stage in x2 else "-")
+    assert check[stage]["at twice the epochs"] == want, stage
+
+
+def test_the_lce_flatbuffer_size_is_the_converted_one():
+  """The size the docs give is the one run.sh's conversion printed; none before it ran."""
+  path = os.path.join(REACTNET, "lns_alpha0_seed0_deploy.txt")
+  size = (re.search(r"flatbuffer:\s+([\d,]+) bytes", _read(path)).group(1)
+          if os.path.exists(path) else None)
+  for doc in ("README.md", os.path.join("docs", "results.md")):
+    stated = re.findall(r"ReActNet-20's LCE flatbuffer: ([\d,]+) bytes", _read(doc))
+    assert stated == ([size] if size else []), doc
+
+
+def test_the_reactnet_seed_counts_the_readme_states(reactnet):
+  res, _, _ = reactnet
+  readme = _read("README.md")
+  counts = [len(xs) for xs in _values(res).values()]
+  done = counts and min(counts) >= 3 and os.path.exists(
+      os.path.join(REACTNET, "baseline_x2_stages.md"))
+  assert ("Still running (issue 32)" in readme) != bool(done)
