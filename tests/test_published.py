@@ -176,6 +176,20 @@ def test_the_lce_flatbuffer_size_is_the_converted_one():
     assert stated == ([size] if size else []), doc
 
 
+def test_the_lce_agreement_is_the_benchmarks():
+  """How many test images LCE's interpreter classifies as lns_jax.inference does: the
+  figure benchmarks/deploy.py printed (committed beside the conversion); none before."""
+  path = os.path.join(REACTNET, "lns_alpha0_seed0_deploy_bench.txt")
+  agree = None
+  if os.path.exists(path):
+    differ, total = map(int, re.search(r"\| LCE interpreter \| (\d+) of (\d+) \|",
+                                       _read(path)).groups())
+    agree = (f"{total - differ:,}", f"{total:,}")
+  for doc in ("README.md", os.path.join("docs", "results.md")):
+    stated = re.findall(r"top-1 class on ([\d,]+) of the ([\d,]+) test images", _read(doc))
+    assert stated == ([agree] if agree else []), doc
+
+
 def test_the_reactnet_seed_counts_the_readme_states(reactnet):
   res, _, _ = reactnet
   readme = _read("README.md")
