@@ -1,9 +1,10 @@
-"""The numbers the README and docs/results.md publish for issue 30 ("Does LNS work?") are
-those of the committed records (results/fmnist_r20_strength/strength.json, which
-results/fmnist_r20_strength/run.sh copies from the workdir): a table typed by hand cannot
-go stale when more seeds come in. Recomputed here with NumPy, not with lns_jax's report
-code, from each run's record: final test top-1 (or test top-1 at the best-validation
-epoch, or the share of signs changed) minus the baseline's, mean ± sample std over seeds."""
+"""The numbers the README and docs/results.md publish for issue 30 ("Does LNS work?") and
+issue 32 (LNS on a ReActNet) are those of the committed records
+(results/fmnist_r20_strength/strength.json and results/fmnist_reactnet/, which each
+results/*/run.sh copies from its workdir): a table typed by hand cannot go stale when more
+seeds come in. Recomputed here with NumPy, not with lns_jax's report code, from each
+run's record: final test top-1 (or test top-1 at the best-validation epoch, or the share
+of signs changed) minus the baseline's, mean ± sample std over seeds."""
 
 import json
 import os
