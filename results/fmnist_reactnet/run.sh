@@ -45,12 +45,17 @@ done
 [ -f "$W/x2/baseline/results.md" ] && cp "$W/x2/baseline/results.md" "$H/baseline_x2_stages.md"
 # The deployed network through LCE: lns_alpha0's seed 0 (LNS on top), or step 2's baseline
 # when that row was not run. One conversion: the two have the same layers, so the same
-# flatbuffer size, and each LCE conversion costs 20 CPU-s at smoke size.
+# flatbuffer size, and each LCE conversion costs 20 CPU-s at smoke size. The export goes
+# into the results (160 KB: the trained network, to run or deploy without training): a
+# finished row's checkpoints are not in state/, so on a new machine the report converts
+# the committed export instead of exporting again.
 run=baseline:pretrain
 [ -f "$W/lns_alpha0/seed0/lns/result.json" ] && run=lns_alpha0/seed0:lns
 dir=$W/${run%%:*}; stage=${run##*:}; name=$(echo "${run%%:*}" | tr / _)
-if [ -f "$dir/$stage/result.json" ]; then
-  $P -m lns_jax.export --workdir="$dir" --stage="$stage" --out="$W/$name.npz"
-  $P -m lns_jax.deploy --export="$W/$name.npz" --out="$W/$name.tflite" \
+if [ -f "$dir/$stage/result.json" ] && [ -d "$dir/$stage/final" ]; then
+  $P -m lns_jax.export --workdir="$dir" --stage="$stage" --out="$H/$name.npz"
+fi
+if [ -f "$H/$name.npz" ]; then
+  $P -m lns_jax.deploy --export="$H/$name.npz" --out="$W/$name.tflite" \
     | tee "$H/${name}_deploy.txt"
 fi
