@@ -143,8 +143,11 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
              LNS_REACTNET_FLAGS="--variants=lns_alpha0 --config.data.train_examples=64 "
                                 "--config.data.eval_examples=32 --config.data.val_examples=32 "
                                 "--config.warmup.epochs=0.5 --config.lns.epochs=0.5")
-  p = subprocess.run(["bash", "results/fmnist_reactnet/run.sh"], env=env, cwd=ROOT,
-                     capture_output=True, text=True, timeout=900)
+  def run_sh(*args):
+    return subprocess.run(["bash", "results/fmnist_reactnet/run.sh", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+  p = run_sh()
   assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
   assert p.stdout.count("[ablation] run 0/1: baseline (teacher,step1,pretrain") == 1
   assert p.stdout.count("[ablation] run 1/1: lns_alpha0 seed 0") == 1
@@ -176,8 +179,7 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   # report converts the export it committed beside the tables, and fails nothing.
   shutil.rmtree(row / "lns" / "final")
   (out / "lns_alpha0_seed0_deploy.txt").unlink()
-  p = subprocess.run(["bash", "results/fmnist_reactnet/run.sh", "report"], env=env, cwd=ROOT,
-                     capture_output=True, text=True, timeout=900)
+  p = run_sh("report")
   assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
   assert "LceBconv2d 8" in (out / "lns_alpha0_seed0_deploy.txt").read_text()
   # LCE's interpreter gives lns_jax.inference's logits (packed convs) on the test images.
