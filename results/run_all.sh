@@ -9,5 +9,5 @@
                      bash results/fmnist_reactnet/run.sh save; exit; }
 set -e
 bash results/fmnist_r20_strength/run.sh       # issue 30: done (2026-12-07); skips its runs in ~1 min
-bash results/fmnist_reactnet/run.sh           # issue 32, item 6: ~7 h idle, and its check
+bash results/fmnist_reactnet/run.sh           # issue 32, item 6: ~7 h idle, its check, the rows from x2 (~1.6 h)
 bash results/fmnist_r20_strength/run.sh extra # issue 30's strengths between: ~7 h, if there is time

@@ -133,9 +133,9 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   """results/fmnist_reactnet/run.sh (issue 32's measurement) as typed, one row at smoke
   size: the baseline trains its teacher, step 1 and step 2 once; the row warm-starts
   from step 2 and distils from the baseline's teacher; the baseline's check of
-  convergence (steps 1 and 2 at twice the epochs) distils from the same teacher; the
-  all-seeds command skips the finished run; the report copies the tables and deploys
-  the row through LCE."""
+  convergence (steps 1 and 2 at twice the epochs) distils from the same teacher, and the
+  row runs again from it; the all-seeds command skips the finished run; the report copies
+  the tables and deploys the row through LCE."""
   w, out = tmp_path / "w", tmp_path / "results"
   env = dict(os.environ, LNS_REACTNET_DIR=str(w), LNS_REACTNET_RESULTS=str(out),
              LNS_REACTNET_CONFIG="configs/fashion_mnist_reactnet.py:smoke,val",
@@ -150,7 +150,9 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   p = run_sh()
   assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
   assert p.stdout.count("[ablation] run 0/1: baseline (teacher,step1,pretrain") == 1
-  assert p.stdout.count("[ablation] run 1/1: lns_alpha0 seed 0") == 1
+  assert p.stdout.count("[ablation] run 1/1: lns_alpha0 seed 0 (") == 2  # from each baseline
+  for row in (w, w / "from_x2"):
+    assert p.stdout.count(f") in {row / 'lns_alpha0' / 'seed0'};") == 1
   row = w / "lns_alpha0" / "seed0"
   cfg = json.loads((row / "config.json").read_text())
   assert cfg["distill"]["teacher"] == str(w / "baseline" / "teacher")
@@ -170,6 +172,15 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   assert not (w / "x2" / "baseline" / "teacher").exists()
   assert not (w / "x2" / "lns_alpha0").exists()
   assert "| pretrain |" in (out / "baseline_x2_stages.md").read_text()
+  # The rows again from the check's baseline, distilling from the same teacher.
+  again = json.loads((w / "from_x2" / "lns_alpha0" / "seed0" / "config.json").read_text())
+  assert again["init_from"] == str(w / "x2" / "baseline" / "pretrain")  # --baseline
+  assert again["distill"]["teacher"] == str(w / "baseline" / "teacher")
+  assert not (w / "from_x2" / "baseline").exists()
+  assert "| lns_alpha0 | 1 |" in (out / "ablation_from_x2.md").read_text()
+  report = json.loads((out / "ablation_from_x2.json").read_text())
+  assert report["baseline_checkpoint"] == str(w / "x2" / "baseline" / "pretrain")
+  assert {v for v, runs in report["variants"].items() if runs} == {"lns_alpha0"}
   # One LCE conversion: the LNS row's (same layers, same flatbuffer size as step 2's).
   assert not (out / "baseline_deploy.txt").exists()
   if not _have_lce():
