@@ -117,15 +117,29 @@ def _stage_top1(name):
   return rows
 
 
+def _reactnet_records(name):
+  """The ablation's records (``None`` before run.sh copied them) and its finished rows'
+  test top-1 per seed, in %."""
+  path = os.path.join(REACTNET, name)
+  if not os.path.exists(path):
+    return None, {}
+  with open(path) as f:
+    res = json.load(f)
+  return res, {v: xs for v, xs in _values(res, minus_baseline=False).items() if xs}
+
+
 @pytest.fixture(scope="module")
 def reactnet():
-  with open(os.path.join(REACTNET, "ablation.json")) as f:
-    res = json.load(f)
+  res, tops = _reactnet_records("ablation.json")
   with open(os.path.join(RESULTS, "strength.json")) as f:
     dorefa = 100 * json.load(f)[DOREFA]["baseline"]["test_top1"]
-  # the rows with a finished run: test top-1 per seed, in %
-  tops = {v: xs for v, xs in _values(res, minus_baseline=False).items() if xs}
   return res, tops, _stage_top1("baseline_stages.md"), dorefa
+
+
+def _x2_stages():
+  """The check of convergence: the baseline's stages at twice the epochs, if it ran."""
+  return (_stage_top1("baseline_x2_stages.md")
+          if os.path.exists(os.path.join(REACTNET, "baseline_x2_stages.md")) else {})
 
 
 def test_readme_reactnet_table_is_the_records(reactnet):
@@ -141,12 +155,23 @@ def test_readme_reactnet_table_is_the_records(reactnet):
     assert rows[v]["test top-1"] == _cell(xs, fmt="{:.2f}", count=True), v
     assert rows[v]["minus step 2"] == _cell(_values(res)[v]), v
     assert rows[v][f"minus `{DOREFA}`"] == f"{np.mean(xs) - dorefa:+.2f}", v
+  # At twice the epochs: the stages of the check, and the rows from its step 2.
+  x2 = _x2_stages()
+  again, tops2 = _reactnet_records("ablation_from_x2.json")
+  for stage in ("teacher", "step1", "pretrain"):
+    want = f"{x2[stage][1]:.2f}" if stage in x2 else ""
+    assert rows[stage]["at twice the epochs"] == want, stage
+  if again:  # the same run: from_x2's baseline is the check's step 2
+    assert 100 * again["baseline"]["test_top1"] == pytest.approx(x2["pretrain"][1], abs=5e-3)
+  for v in tops:
+    xs = tops2.get(v)
+    assert rows[v]["at twice the epochs"] == (
+        _cell(xs, fmt="{:.2f}", count=True) if xs else "-"), v
+    assert rows[v]["minus its step 2"] == (_cell(_values(again)[v]) if xs else "-"), v
 
 
-def test_results_md_reactnet_tables_are_the_records(reactnet):
-  res, tops, stages, _ = reactnet
-  text = _read(os.path.join("docs", "results.md"))
-  rows = _rows(text, "| ReActNet-20 variant | test top-1 per seed |")
+def _check_seed_table(text, header, res, tops):
+  rows = _rows(text, header)
   assert set(rows) == set(tops)
   for v, xs in tops.items():
     assert rows[v]["test top-1 per seed"] == ", ".join(f"{x:.2f}" for x in xs), v
@@ -155,10 +180,21 @@ def test_results_md_reactnet_tables_are_the_records(reactnet):
         _values(res, "best_test_top1")[v]), v
     assert rows[v]["signs changed (%)"] == _cell(
         _values(res, "flip_rate_init", minus_baseline=False)[v], fmt="{:.2f}"), v
+
+
+def test_results_md_reactnet_tables_are_the_records(reactnet):
+  res, tops, stages, _ = reactnet
+  text = _read(os.path.join("docs", "results.md"))
+  _check_seed_table(text, "| ReActNet-20 variant | test top-1 per seed |", res, tops)
+  # The rows again from the check's step 2, once they ran.
+  again, tops2 = _reactnet_records("ablation_from_x2.json")
+  header = "| ReActNet-20 variant, from the 16 + 16 baseline | test top-1 per seed |"
+  assert (header in text) == bool(tops2)
+  if tops2:
+    _check_seed_table(text, header, again, tops2)
   # The check of convergence: the same stages at twice the epochs.
   check = _rows(text, "| ReActNet-20 stage | epochs | test top-1 |")
-  x2 = (_stage_top1("baseline_x2_stages.md")
-        if os.path.exists(os.path.join(REACTNET, "baseline_x2_stages.md")) else {})
+  x2 = _x2_stages()
   assert set(check) == set(stages)
   for stage, (epochs, top1) in stages.items():
     assert check[stage]["epochs"] == f"{epochs:g}", stage
@@ -192,9 +228,8 @@ def test_the_lce_agreement_is_the_benchmarks():
 
 
 def test_the_reactnet_seed_counts_the_readme_states(reactnet):
-  res = reactnet[0]
-  readme = _read("README.md")
-  counts = [len(xs) for xs in _values(res).values()]
-  done = counts and min(counts) >= 3 and os.path.exists(
-      os.path.join(REACTNET, "baseline_x2_stages.md"))
-  assert ("Still running (issue 32)" in readme) != bool(done)
+  """"Still running" until every row has 3 seeds from each baseline and the check ran."""
+  again = _reactnet_records("ablation_from_x2.json")[0]
+  counts = [len(xs) for r in (reactnet[0], again) if r for xs in _values(r).values()]
+  done = again and min(counts) >= 3 and _x2_stages()
+  assert ("Still running (issue 32)" in _read("README.md")) != bool(done)
