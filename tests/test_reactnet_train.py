@@ -177,7 +177,9 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   assert again["init_from"] == str(w / "x2" / "baseline" / "pretrain")  # --baseline
   assert again["distill"]["teacher"] == str(w / "baseline" / "teacher")
   assert not (w / "from_x2" / "baseline").exists()
-  assert "| lns_alpha0 | 1 |" in (out / "ablation_from_x2.md").read_text()
+  table = (out / "ablation_from_x2.md").read_text()
+  assert "| lns_alpha0 | 1 |" in table
+  assert "(fig3_from_x2.png)" in table and (out / "fig3_from_x2.png").exists()
   report = json.loads((out / "ablation_from_x2.json").read_text())
   assert report["baseline_checkpoint"] == str(w / "x2" / "baseline" / "pretrain")
   assert {v for v, runs in report["variants"].items() if runs} == {"lns_alpha0"}

@@ -52,7 +52,12 @@ done
 [ -f "$W/x2/baseline/results.md" ] && cp "$W/x2/baseline/results.md" "$H/baseline_x2_stages.md"
 if [ -d "$W/from_x2" ]; then
   $X --seeds=$S --report_only
-  for f in ablation.md ablation.json; do cp "$W/from_x2/$f" "$H/${f%.*}_from_x2.${f#*.}"; done
+  cp "$W/from_x2/ablation.json" "$H/ablation_from_x2.json"
+  for f in fig3 baseline; do
+    [ -f "$W/from_x2/$f.png" ] && cp "$W/from_x2/$f.png" "$H/${f}_from_x2.png"
+  done
+  # its table's figures under their new names
+  sed 's/(\(fig3\|baseline\)\.png)/(\1_from_x2.png)/' "$W/from_x2/ablation.md" > "$H/ablation_from_x2.md"
 fi
 # The deployed network through LCE: lns_alpha0's seed 0 (LNS on top), or step 2's baseline
 # when that row was not run. One conversion: the two have the same layers, so the same
