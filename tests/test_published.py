@@ -9,6 +9,7 @@ of signs changed) minus the baseline's, mean ± sample std over seeds."""
 import json
 import os
 import re
+import types
 
 import numpy as np
 import pytest
@@ -130,20 +131,23 @@ def _reactnet_records(name):
 
 @pytest.fixture(scope="module")
 def reactnet():
+  """Issue 32's records, read once: the rows from step 2 (``res``, ``tops``) and from the
+  check's step 2 (``again``, ``tops2``), the stage tables (``stages``; ``x2``, the check's,
+  empty before it ran) and the DoReFa baseline's test top-1."""
   res, tops = _reactnet_records("ablation.json")
+  again, tops2 = _reactnet_records("ablation_from_x2.json")
   with open(os.path.join(RESULTS, "strength.json")) as f:
     dorefa = 100 * json.load(f)[DOREFA]["baseline"]["test_top1"]
-  return res, tops, _stage_top1("baseline_stages.md"), dorefa
-
-
-def _x2_stages():
-  """The check of convergence: the baseline's stages at twice the epochs, if it ran."""
-  return (_stage_top1("baseline_x2_stages.md")
-          if os.path.exists(os.path.join(REACTNET, "baseline_x2_stages.md")) else {})
+  x2 = (_stage_top1("baseline_x2_stages.md")
+        if os.path.exists(os.path.join(REACTNET, "baseline_x2_stages.md")) else {})
+  return types.SimpleNamespace(res=res, tops=tops, again=again, tops2=tops2, dorefa=dorefa,
+                               stages=_stage_top1("baseline_stages.md"), x2=x2)
 
 
 def test_readme_reactnet_table_is_the_records(reactnet):
-  res, tops, stages, dorefa = reactnet
+  r = reactnet
+  res, tops, stages, dorefa, x2, again, tops2 = (r.res, r.tops, r.stages, r.dorefa, r.x2,
+                                                 r.again, r.tops2)
   rows = _rows(_read("README.md"), "| ReActNet-20 (`fashion_mnist_reactnet.py:val`")
   # the same run: ablation.json's baseline is step 2 (the stage table rounds to 0.01)
   assert 100 * res["baseline"]["test_top1"] == pytest.approx(stages["pretrain"][1], abs=5e-3)
@@ -156,8 +160,6 @@ def test_readme_reactnet_table_is_the_records(reactnet):
     assert rows[v]["minus step 2"] == _cell(_values(res)[v]), v
     assert rows[v][f"minus `{DOREFA}`"] == f"{np.mean(xs) - dorefa:+.2f}", v
   # At twice the epochs: the stages of the check, and the rows from its step 2.
-  x2 = _x2_stages()
-  again, tops2 = _reactnet_records("ablation_from_x2.json")
   for stage in ("teacher", "step1", "pretrain"):
     want = f"{x2[stage][1]:.2f}" if stage in x2 else ""
     assert rows[stage]["at twice the epochs"] == want, stage
@@ -183,18 +185,17 @@ def _check_seed_table(text, header, res, tops):
 
 
 def test_results_md_reactnet_tables_are_the_records(reactnet):
-  res, tops, stages, _ = reactnet
+  r = reactnet
+  res, tops, stages, x2, again, tops2 = r.res, r.tops, r.stages, r.x2, r.again, r.tops2
   text = _read(os.path.join("docs", "results.md"))
   _check_seed_table(text, "| ReActNet-20 variant | test top-1 per seed |", res, tops)
   # The rows again from the check's step 2, once they ran.
-  again, tops2 = _reactnet_records("ablation_from_x2.json")
   header = "| ReActNet-20 variant, from the 16 + 16 baseline | test top-1 per seed |"
   assert (header in text) == bool(tops2)
   if tops2:
     _check_seed_table(text, header, again, tops2)
   # The check of convergence: the same stages at twice the epochs.
   check = _rows(text, "| ReActNet-20 stage | epochs | test top-1 |")
-  x2 = _x2_stages()
   assert set(check) == set(stages)
   for stage, (epochs, top1) in stages.items():
     assert check[stage]["epochs"] == f"{epochs:g}", stage
@@ -229,7 +230,7 @@ def test_the_lce_agreement_is_the_benchmarks():
 
 def test_the_reactnet_seed_counts_the_readme_states(reactnet):
   """"Still running" until every row has 3 seeds from each baseline and the check ran."""
-  again = _reactnet_records("ablation_from_x2.json")[0]
-  counts = [len(xs) for r in (reactnet[0], again) if r for xs in _values(r).values()]
-  done = again and min(counts) >= 3 and _x2_stages()
+  again = reactnet.again
+  counts = [len(xs) for r in (reactnet.res, again) if r for xs in _values(r).values()]
+  done = again and min(counts) >= 3 and reactnet.x2
   assert ("Still running (issue 32)" in _read("README.md")) != bool(done)

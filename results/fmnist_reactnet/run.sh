@@ -26,8 +26,9 @@ if [ "$1" = save ]; then store_save "$W" $H/state; exit; fi
 store_restore "$W" $H/state
 C=${LNS_REACTNET_CONFIG:-configs/fashion_mnist_reactnet.py:val}
 A="$P -m lns_jax.ablation --config=$C --workdir=$W ${LNS_REACTNET_FLAGS:-}"
+T=$W/baseline/teacher  # every run distils from the baseline's teacher
 X="$P -m lns_jax.ablation --config=$C --workdir=$W/from_x2 ${LNS_REACTNET_FLAGS:-} \
-  --baseline=$W/x2/baseline/pretrain --config.distill.teacher=$W/baseline/teacher"
+  --baseline=$W/x2/baseline/pretrain --config.distill.teacher=$T"
 if [ -z "$1" ]; then
   $A --seeds=1   # seed 0 of every row first: the first picture
   # The baseline's check of convergence (issue 30's: the same recipe at twice the epochs
@@ -35,29 +36,33 @@ if [ -z "$1" ]; then
   # distilling from the same teacher. Before the other seeds, so a failed check comes first.
   $P -m lns_jax.ablation --config=$C,x2 --workdir=$W/x2 ${LNS_REACTNET_FLAGS:-} --seeds=1 \
     --variants=baseline --config.stages=step1,pretrain,warmup,lns \
-    --config.distill.teacher=$W/baseline/teacher
+    --config.distill.teacher=$T
   $A --seeds=$S
   # The rows again from the check's baseline (steps 1 and 2 at twice their epochs), in
   # DIR/from_x2: the check passed by a tenth of a point (2026-12-07), so whether the answer
   # holds from the stronger baseline is measured, not assumed (issue 30 did the same).
   $X --seeds=$S
 fi
+# copy_report DIR SUFFIX: DIR's report (table, records, figures) into $H, each name with
+# SUFFIX, the table's links to its figures too.
+copy_report() {
+  local f
+  [ -f "$1/ablation.json" ] || return 0
+  for f in fig3 baseline; do
+    if [ -f "$1/$f.png" ]; then cp "$1/$f.png" "$H/$f$2.png"; fi
+  done
+  cp "$1/ablation.json" "$H/ablation$2.json"
+  sed "s/(\(fig3\|baseline\)\.png)/(\1$2.png)/" "$1/ablation.md" > "$H/ablation$2.md"
+}
 $A --seeds=$S --report_only
 mkdir -p "$H"
-for f in ablation.md ablation.json baseline.png fig3.png; do
-  [ -f "$W/$f" ] && cp "$W/$f" "$H/"
-done
+copy_report "$W" ""
 # The teacher's, step 1's and step 2's test top-1 (the baseline's own stage table).
 [ -f "$W/baseline/results.md" ] && cp "$W/baseline/results.md" "$H/baseline_stages.md"
 [ -f "$W/x2/baseline/results.md" ] && cp "$W/x2/baseline/results.md" "$H/baseline_x2_stages.md"
 if [ -d "$W/from_x2" ]; then
   $X --seeds=$S --report_only
-  cp "$W/from_x2/ablation.json" "$H/ablation_from_x2.json"
-  for f in fig3 baseline; do
-    [ -f "$W/from_x2/$f.png" ] && cp "$W/from_x2/$f.png" "$H/${f}_from_x2.png"
-  done
-  # its table's figures under their new names
-  sed 's/(\(fig3\|baseline\)\.png)/(\1_from_x2.png)/' "$W/from_x2/ablation.md" > "$H/ablation_from_x2.md"
+  copy_report "$W/from_x2" _from_x2
 fi
 # The deployed network through LCE: lns_alpha0's seed 0 (LNS on top), or step 2's baseline
 # when that row was not run. One conversion: the two have the same layers, so the same
