@@ -161,18 +161,32 @@ def check_writable(workdir: str) -> None:
 
 
 class Preemption:
-  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops cleanly."""
+  """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops cleanly.
+
+  Nested, the inner one is the outer one (``with Preemption() as p`` gives the active
+  handler): a signal that reaches a run after its last step (its final evaluation) is
+  then still seen by the ablation that runs it, which stops before its next run instead
+  of losing the signal with the run's handler.
+  """
+
+  _active = None  # the outermost handler entered in this process
 
   def __init__(self):
     self.signal = None
     self._old = {}
+    self._outer = None
 
   def __enter__(self):
+    if Preemption._active is not None:
+      self._outer = Preemption._active
+      return self._outer
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread (e.g. a notebook worker): no handler
         pass
+    if self._old:
+      Preemption._active = self
     return self
 
   def _handle(self, signum, frame):
@@ -181,8 +195,14 @@ class Preemption:
     self.signal = signum
 
   def __exit__(self, *exc):
+    if self._outer is not None:
+      self._outer = None
+      return
+    if Preemption._active is self:
+      Preemption._active = None
     for sig, old in self._old.items():
       signal.signal(sig, old)
+    self._old = {}
 
 
 def resume_command(workdir: str) -> str:

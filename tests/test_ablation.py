@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from lns_jax import ablation
+from lns_jax import workdir as workdir_lib
 from lns_testutil import ROOT, assert_one_error_line, smoke_config
 
 
@@ -216,6 +218,44 @@ def test_reused_baseline_dir_from_another_config_is_refused(tmp_path):
   with pytest.raises(ablation.AblationError, match="config.pretrain"):
     ablation.check_baseline_dir(ablation.baseline_config(_config()), str(base))
   ablation.check_baseline_dir(ablation.baseline_config(other), str(base))  # same: fine
+
+
+def test_nested_preemption_is_the_outer_one():
+  before = signal.getsignal(signal.SIGTERM)
+  with workdir_lib.Preemption() as outer:
+    with workdir_lib.Preemption() as inner:  # a run's trainer inside an ablation
+      assert inner is outer
+      os.kill(os.getpid(), signal.SIGTERM)
+    assert outer.signal == signal.SIGTERM  # not lost with the run's handler
+    assert signal.getsignal(signal.SIGTERM) == outer._handle
+  assert signal.getsignal(signal.SIGTERM) == before
+  with workdir_lib.Preemption() as again:  # a later one starts clean
+    assert again is not outer and again.signal is None
+
+
+def test_signal_after_a_runs_last_step_stops_before_the_next_run(monkeypatch, tmp_path):
+  """A SIGTERM that reaches a run in its final evaluation (after its last step check) is
+  not lost: the ablation stops before its next run (it once trained on to the end)."""
+  from lns_jax import trainer
+  calls = []
+
+  def finishes_after_a_signal(config, workdir, stop_at=None):
+    with workdir_lib.Preemption():  # as trainer.train's own handler
+      calls.append(workdir)
+      os.kill(os.getpid(), signal.SIGTERM)  # arrives in the final evaluation
+      for stage in config.stages.split(","):
+        os.makedirs(os.path.join(workdir, stage))
+        with open(os.path.join(workdir, stage, "result.json"), "w") as f:
+          json.dump({"test": {"top1": 0.5}}, f)
+      return {}
+
+  monkeypatch.setattr(trainer, "train", finishes_after_a_signal)
+  before = signal.getsignal(signal.SIGTERM)
+  out = ablation.run_ablation(_config(), str(tmp_path / "abl"), seeds=1, log=lambda _: None)
+  assert out == {"interrupted": True, "run": "finetune/seed0", "signal": signal.SIGTERM,
+                 "before": True}
+  assert calls == [str(tmp_path / "abl" / "baseline")]  # the baseline, then nothing
+  assert signal.getsignal(signal.SIGTERM) == before
 
 
 # (--seeds=0, --alphas=0,x and --rhos=-1 are rows of test_cli.py's BAD_CASES.)

@@ -3,6 +3,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -275,6 +276,39 @@ def test_store_keeps_of_a_running_run_what_its_resume_reads(tmp_path):
 
 
 @pytest.mark.slow
+def test_signal_in_one_baselines_last_run_stops_before_the_next_baseline(monkeypatch,
+                                                                         tmp_path):
+  """A SIGTERM in the final evaluation of the first baseline's last run stops the
+  strength ablation before the second baseline trains (it once trained on)."""
+  from lns_jax import trainer
+  from lns_jax import workdir as workdir_lib
+  from lns_jax.ablation import runner
+  calls = []
+
+  def finishes(config, workdir, stop_at=None):
+    with workdir_lib.Preemption():  # as trainer.train's own handler
+      calls.append(os.path.relpath(workdir, tmp_path))
+      if len(calls) == 2:  # sgd12's one run: the signal comes in its final evaluation
+        os.kill(os.getpid(), signal.SIGTERM)
+      for stage in config.stages.split(","):
+        os.makedirs(os.path.join(workdir, stage))
+        open(os.path.join(workdir, stage, "result.json"), "w").close()
+      return {}
+
+  monkeypatch.setattr(trainer, "train", finishes)
+  monkeypatch.setattr(runner, "collect", lambda *a, **k: {})  # the reports read no fakes
+  monkeypatch.setattr(runner.Ablation, "report", lambda self: "")
+  monkeypatch.setattr(strength, "write_report", lambda *a, **k: {})
+  before = signal.getsignal(signal.SIGTERM)
+  out = ablation.run_strength(_config(), str(tmp_path), ["sgd12", "adam12"], 1,
+                              log=lambda _: None, extra_rows=["finetune_matched"],
+                              variants=["finetune_matched"])
+  assert out == {"interrupted": True, "run": "adam12/baseline", "signal": signal.SIGTERM,
+                 "before": True}
+  assert calls == ["sgd12/baseline", "sgd12/finetune_matched/seed0"]
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   """Two baselines (SGD, Adam), the compute-matched fine-tuning control from each (plain
   fine-tuning is the same stage at another length, trained in tests/test_ablation.py):

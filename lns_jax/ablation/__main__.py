@@ -69,8 +69,9 @@ def main(argv):
     print("[ablation] interrupted; run the same command again to resume.", file=sys.stderr)
     sys.exit(130)
   if out.get("interrupted"):
-    print(f"[ablation] {out['run']} stopped after a checkpoint; run the same command again "
-          f"to resume.", flush=True)
+    where = "stopped before" if out.get("before") else "stopped after a checkpoint of"
+    print(f"[ablation] {where} {out['run']}; run the same command again to resume.",
+          flush=True)
     sys.exit(128 + int(out.get("signal") or 15))
 
 

@@ -80,11 +80,26 @@ class Ablation:
   def run(self, log=print, stop_at=None, eta=None) -> dict:
     """Trains what is left; ``{'interrupted': True, ...}`` when a run was stopped.
     ``eta(done_epochs)`` is the ETA's text after that much work (default: this one's)."""
-    from lns_jax import trainer
+    from lns_jax import workdir as workdir_lib
+    # One handler over every run (each run's trainer shares it): a signal that reaches a
+    # run after its last step, in its final evaluation or between runs, stops the
+    # ablation before the next run instead of being lost with that run's handler.
+    with workdir_lib.Preemption() as preempt:
+      return self._run(log, stop_at, eta, preempt)
+
+  def _run(self, log, stop_at, eta, preempt) -> dict:
+    from lns_jax import parallel, trainer
     t0, done = time.time(), [0.0]
     eta = eta or (lambda d: _eta(t0, d, self.epochs_left()))
     todo = len(self.todo)
+
+    def stopped(before):  # a collective: every process checks at the same point
+      if parallel.any_process(preempt.signal is not None):
+        return {"interrupted": True, "run": before, "signal": preempt.signal, "before": True}
+
     if self.needs_baseline():
+      if out := stopped(BASELINE):
+        return out
       log(f"[ablation] run 0/{todo}: baseline ({baseline_config(self.config).stages}, "
           f"{baseline_epochs(self.config):g} epochs) in {self.base_dir}; {eta(0.0)}")
       res = trainer.train(baseline_config(self.config), self.base_dir,
@@ -96,6 +111,8 @@ class Ablation:
       wd = run.workdir(self.root)
       if _finished(wd, run.stages):
         continue
+      if out := stopped(f"{run.variant}/seed{run.seed}"):
+        return out
       log(f"[ablation] run {i}/{todo}: {run.variant} seed {run.seed} ({run.describe()}) "
           f"in {wd}; {eta(done[0])}")
       out = self._train(run, wd, log, stop_at)

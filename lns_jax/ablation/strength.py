@@ -42,6 +42,8 @@ def run_strength(config, workdir: str, names: Sequence[str], seeds: int, *, alph
   (``stop_at=(baseline name, variant, seed, stage, step)``, tests). ``report_only``
   (``--report_only``) writes the report of what is finished and trains nothing."""
   import time
+
+  from lns_jax import workdir as workdir_lib
   abls = prepare(config, workdir, names, seeds, alphas=alphas, rhos=rhos,
                  extra_rows=extra_rows, sweep_seeds=sweep_seeds, variants=variants,
                  config_arg=config_arg, load_baseline=not dry_run)
@@ -66,19 +68,22 @@ def run_strength(config, workdir: str, names: Sequence[str], seeds: int, *, alph
     return ("ETA after the first run" if total <= 0 else
             f"ETA {_duration((time.time() - t0) / total * (left0 - total))}")
 
-  for name, ab in abls.items():
-    if report_only:  # each baseline's own Table 1 and figures, refreshed
-      if os.path.isdir(ab.root):
-        ab.report()
-      continue
-    before = ab.epochs_left()
-    stop = stop_at[1:] if stop_at and stop_at[0] == name else None
-    out = ab.run(log, stop, eta=eta)
-    if out.get("interrupted"):
-      return out | {"run": f"{name}/{out['run']}"}
-    ab.report()
-    done[0] += before
-    write_report(root, reported, config_arg)
+  # One handler over every baseline's ablation (theirs share it), so a signal in one's
+  # last run stops the next before it trains.
+  with workdir_lib.Preemption():
+    for name, ab in abls.items():
+      if report_only:  # each baseline's own Table 1 and figures, refreshed
+        if os.path.isdir(ab.root):
+          ab.report()
+        continue
+      before = ab.epochs_left()
+      stop = stop_at[1:] if stop_at and stop_at[0] == name else None
+      out = ab.run(log, stop, eta=eta)
+      if out.get("interrupted"):
+        return out | {"run": f"{name}/{out['run']}"}
+      ab.report()
+      done[0] += before
+      write_report(root, reported, config_arg)
   summary = write_report(root, reported, config_arg)
   log("\n" + summary["table"])
   log(f"[ablation] done: {os.path.join(root, 'strength.md')}")
