@@ -21,14 +21,15 @@ Arguments (comma-separated): ``quick`` (every stage in minutes), ``smoke`` (tiny
 tests), ``val`` (the last 10,000 training images as a validation split), ``finetune``
 (plain fine-tuning after step 2 instead of warmup + lns), ``x2`` (steps 1 and 2 at twice
 their epochs: the baseline's check of convergence, as issue 30's: the same recipe at twice
-the epochs gains at most 1 point).
+the epochs gains at most 1 point), ``teacher_x2`` (the teacher at twice its epochs: the
+teacher's own check, ``--config.stages=teacher``).
 """
 
 from lns_jax.config import base_config, parse_args, reactnet_recipe
 
 
 def get_config(arg: str = ""):
-  args = parse_args(arg, {"quick", "smoke", "val", "finetune", "x2"},
+  args = parse_args(arg, {"quick", "smoke", "val", "finetune", "x2", "teacher_x2"},
                     "configs/fashion_mnist_reactnet.py")
   if {"quick", "smoke"} <= args:
     raise ValueError("configs/fashion_mnist_reactnet.py: use one of 'quick' and 'smoke'.")
@@ -73,4 +74,6 @@ def get_config(arg: str = ""):
   if "x2" in args:
     c.step1.epochs *= 2
     c.pretrain.epochs *= 2
+  if "teacher_x2" in args:  # its own argument: x2's runs reuse the 6-epoch teacher
+    c.teacher.epochs *= 2
   return c

@@ -134,8 +134,9 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   size: the baseline trains its teacher, step 1 and step 2 once; the row warm-starts
   from step 2 and distils from the baseline's teacher; the baseline's check of
   convergence (steps 1 and 2 at twice the epochs) distils from the same teacher, and the
-  row runs again from it; the all-seeds command skips the finished run; the report copies
-  the tables and deploys the row through LCE."""
+  row runs again from it; the teacher's check trains it alone at twice its epochs; the
+  all-seeds command skips the finished run; the report copies the tables and deploys the
+  row through LCE."""
   w, out = tmp_path / "w", tmp_path / "results"
   env = dict(os.environ, LNS_REACTNET_DIR=str(w), LNS_REACTNET_RESULTS=str(out),
              LNS_REACTNET_CONFIG="configs/fashion_mnist_reactnet.py:smoke,val",
@@ -183,6 +184,13 @@ def test_results_run_sh_as_typed_at_smoke_size(tmp_path):
   report = json.loads((out / "ablation_from_x2.json").read_text())
   assert report["baseline_checkpoint"] == str(w / "x2" / "baseline" / "pretrain")
   assert {v for v, runs in report["variants"].items() if runs} == {"lns_alpha0"}
+  # The teacher's check of convergence: the teacher alone at twice its epochs, through
+  # train.py with the --config.* flags only (train.py would refuse --variants).
+  tx2 = json.loads((w / "teacher_x2" / "config.json").read_text())
+  assert tx2["stages"] == "teacher"
+  assert tx2["teacher"]["epochs"] == 2 * base["teacher"]["epochs"]
+  assert tx2["data"]["train_examples"] == 64 and tx2["lns"]["epochs"] == 0.5
+  assert "| teacher |" in (out / "teacher_x2_stages.md").read_text()
   # One LCE conversion: the LNS row's (same layers, same flatbuffer size as step 2's).
   assert not (out / "baseline_deploy.txt").exists()
   if not _have_lce():

@@ -3,8 +3,9 @@
 # from the checkout's root, after issue 30's runs (results/fmnist_r20_strength/run.sh) have
 # the cores. The baseline (teacher, step 1, step 2 in DIR/baseline) is trained once; then
 # finetune, lns_alpha0 and lns, 3 seeds, every variant distilling from DIR/baseline/teacher;
-# between seed 0 and the others, the baseline's check of convergence in DIR/x2; last, the
-# rows again from the check's baseline, in DIR/from_x2.
+# between seed 0 and the others, the baseline's check of convergence in DIR/x2; then the
+# rows again from the check's baseline, in DIR/from_x2; last, the teacher's own check of
+# convergence (the teacher alone at twice its epochs) in DIR/teacher_x2.
 # Every command resumes where it stopped: a finished run is skipped, an interrupted one
 # resumes from its newest checkpoint. The workdir lives outside the checkout:
 #   LNS_REACTNET_DIR (default ~/lns_runs/reactnet); state/ (results/store.sh) carries it to
@@ -42,6 +43,11 @@ if [ -z "$1" ]; then
   # DIR/from_x2: the check passed by a tenth of a point (2026-12-07), so whether the answer
   # holds from the stronger baseline is measured, not assumed (issue 30 did the same).
   $X --seeds=$S
+  # The teacher's check of convergence: the teacher alone at twice its epochs (every row
+  # above distils from the 6-epoch one, which gained 0.4 point in its last epoch). Through
+  # train.py, with the --config.* flags of LNS_REACTNET_FLAGS (the others are the ablation's).
+  $P train.py --config=$C,teacher_x2 --workdir=$W/teacher_x2 --config.stages=teacher \
+    $(for f in ${LNS_REACTNET_FLAGS:-}; do case $f in --config.*) echo "$f";; esac; done)
 fi
 # copy_report DIR SUFFIX: DIR's report (table, records, figures) into $H, each name with
 # SUFFIX, the table's links to its figures too.
@@ -60,6 +66,7 @@ copy_report "$W" ""
 # The teacher's, step 1's and step 2's test top-1 (the baseline's own stage table).
 [ -f "$W/baseline/results.md" ] && cp "$W/baseline/results.md" "$H/baseline_stages.md"
 [ -f "$W/x2/baseline/results.md" ] && cp "$W/x2/baseline/results.md" "$H/baseline_x2_stages.md"
+[ -f "$W/teacher_x2/results.md" ] && cp "$W/teacher_x2/results.md" "$H/teacher_x2_stages.md"
 if [ -d "$W/from_x2" ]; then
   $X --seeds=$S --report_only
   copy_report "$W/from_x2" _from_x2
