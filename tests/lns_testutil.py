@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -134,3 +135,22 @@ class Zygote:
   def close(self):
     self.proc.stdin.close()
     self.proc.wait(timeout=60)
+
+
+def trainer_signalled_at(calls, at):
+  """A stand-in for ``trainer.train`` that finishes every stage at once (an empty
+  ``result.json`` each) inside its own preemption handler, as the trainer does, and on
+  call number ``at`` gets SIGTERM there, as in a run's final evaluation. Appends each
+  call's workdir to ``calls``."""
+  from lns_jax import workdir as workdir_lib
+
+  def train(config, workdir, stop_at=None):
+    with workdir_lib.Preemption():
+      calls.append(workdir)
+      if len(calls) == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+      for stage in config.stages.split(","):
+        os.makedirs(os.path.join(workdir, stage))
+        open(os.path.join(workdir, stage, "result.json"), "w").close()
+      return {}
+  return train

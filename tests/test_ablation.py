@@ -11,7 +11,7 @@ import pytest
 
 from lns_jax import ablation
 from lns_jax import workdir as workdir_lib
-from lns_testutil import ROOT, assert_one_error_line, smoke_config
+from lns_testutil import ROOT, assert_one_error_line, smoke_config, trainer_signalled_at
 
 
 # _config() as command-line flags.
@@ -238,18 +238,7 @@ def test_signal_after_a_runs_last_step_stops_before_the_next_run(monkeypatch, tm
   not lost: the ablation stops before its next run (it once trained on to the end)."""
   from lns_jax import trainer
   calls = []
-
-  def finishes_after_a_signal(config, workdir, stop_at=None):
-    with workdir_lib.Preemption():  # as trainer.train's own handler
-      calls.append(workdir)
-      os.kill(os.getpid(), signal.SIGTERM)  # arrives in the final evaluation
-      for stage in config.stages.split(","):
-        os.makedirs(os.path.join(workdir, stage))
-        with open(os.path.join(workdir, stage, "result.json"), "w") as f:
-          json.dump({"test": {"top1": 0.5}}, f)
-      return {}
-
-  monkeypatch.setattr(trainer, "train", finishes_after_a_signal)
+  monkeypatch.setattr(trainer, "train", trainer_signalled_at(calls, at=1))  # the baseline
   before = signal.getsignal(signal.SIGTERM)
   out = ablation.run_ablation(_config(), str(tmp_path / "abl"), seeds=1, log=lambda _: None)
   assert out == {"interrupted": True, "run": "finetune/seed0", "signal": signal.SIGTERM,

@@ -13,7 +13,7 @@ import pytest
 from lns_jax import ablation
 from lns_jax import config as config_lib
 from lns_jax.ablation import strength
-from lns_testutil import ROOT, assert_one_error_line, load_config
+from lns_testutil import ROOT, assert_one_error_line, load_config, trainer_signalled_at
 
 CONFIG = os.path.join(ROOT, "configs", "fashion_mnist_r20.py")
 # :paper,smoke,val at the smallest size: 2 steps an epoch at batch 32.
@@ -281,21 +281,9 @@ def test_signal_in_one_baselines_last_run_stops_before_the_next_baseline(monkeyp
   """A SIGTERM in the final evaluation of the first baseline's last run stops the
   strength ablation before the second baseline trains (it once trained on)."""
   from lns_jax import trainer
-  from lns_jax import workdir as workdir_lib
   from lns_jax.ablation import runner
   calls = []
-
-  def finishes(config, workdir, stop_at=None):
-    with workdir_lib.Preemption():  # as trainer.train's own handler
-      calls.append(os.path.relpath(workdir, tmp_path))
-      if len(calls) == 2:  # sgd12's one run: the signal comes in its final evaluation
-        os.kill(os.getpid(), signal.SIGTERM)
-      for stage in config.stages.split(","):
-        os.makedirs(os.path.join(workdir, stage))
-        open(os.path.join(workdir, stage, "result.json"), "w").close()
-      return {}
-
-  monkeypatch.setattr(trainer, "train", finishes)
+  monkeypatch.setattr(trainer, "train", trainer_signalled_at(calls, at=2))  # sgd12's run
   monkeypatch.setattr(runner, "collect", lambda *a, **k: {})  # the reports read no fakes
   monkeypatch.setattr(runner.Ablation, "report", lambda self: "")
   monkeypatch.setattr(strength, "write_report", lambda *a, **k: {})
@@ -305,7 +293,8 @@ def test_signal_in_one_baselines_last_run_stops_before_the_next_baseline(monkeyp
                               variants=["finetune_matched"])
   assert out == {"interrupted": True, "run": "adam12/baseline", "signal": signal.SIGTERM,
                  "before": True}
-  assert calls == ["sgd12/baseline", "sgd12/finetune_matched/seed0"]
+  assert [os.path.relpath(c, tmp_path) for c in calls] == [
+      "sgd12/baseline", "sgd12/finetune_matched/seed0"]
   assert signal.getsignal(signal.SIGTERM) == before
 
 
