@@ -132,6 +132,18 @@ class Zygote:
     self.proc.stdin.flush()
     return json.loads(self.proc.stdout.readline())
 
+  def run_argv(self, argv, timeout=900, env=None):
+    """``subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)`` of a command
+    line ``[sys.executable, "-m", module, ...]`` or ``[sys.executable, "file.py", ...]``,
+    run through this warm process: a :class:`subprocess.CompletedProcess`. For the
+    successful runs whose test is not about the process; each entry point keeps a real
+    subprocess somewhere (train.py: test_cli, test_robustness; lns_jax.ablation: the
+    run.sh tests; benchmarks: test_cpu_options)."""
+    assert argv[0] == sys.executable, argv
+    entry, args = (argv[2], argv[3:]) if argv[1] == "-m" else (argv[1], argv[2:])
+    r = self.run(entry, *args, timeout=timeout, env=env)
+    return subprocess.CompletedProcess(argv, r["rc"], r["stdout"], r["stderr"])
+
   def close(self):
     self.proc.stdin.close()
     self.proc.wait(timeout=60)

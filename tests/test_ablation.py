@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -39,7 +38,7 @@ def _result_mtimes(root):
 
 
 @pytest.mark.slow
-def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
+def test_ablation_two_seeds_interrupted_then_resumed(cli, tmp_path):
   root = str(tmp_path / "abl")
   config = _config()
   logs = []
@@ -120,8 +119,7 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
          "--seeds=1", "--baseline=" + os.path.join(root, "baseline", "pretrain"),
          "--extra_rows=alpha0_cewarm,other_reduction", "--config.warmup.lr=3.0",
          "--config.evals_per_epoch=2"]
-  p = subprocess.run(cmd + ["--variants=lns_sum"], capture_output=True, text=True,
-                     cwd=ROOT, timeout=900, env=dict(os.environ, LNS_FAST_COMPILE="1"))
+  p = cli.run_argv(cmd + ["--variants=lns_sum"])
   assert p.returncode == 0, p.stderr[-3000:]
   assert "[ablation] run 1/1: lns_sum seed 0" in p.stdout and "| lns | 0 |" in p.stdout, p.stdout
   reused = json.loads((other / "ablation.json").read_text())
@@ -144,9 +142,7 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
   assert (other / "baseline.png").stat().st_size > 1000  # the reused baseline's curves
   # Rerun with one more sweep point and --variants: only that point runs, from the reused
   # baseline, into the table; the failed lns_sum is not retried and stays in the table.
-  p2 = subprocess.run(cmd + ["--alphas=0.5", "--variants=lns_alpha0.5,lns_sum"],
-                      capture_output=True, text=True, cwd=ROOT, timeout=900,
-                      env=dict(os.environ, LNS_FAST_COMPILE="1"))
+  p2 = cli.run_argv(cmd + ["--alphas=0.5", "--variants=lns_alpha0.5,lns_sum"])
   assert p2.returncode == 0, p2.stderr[-3000:]
   started = [line for line in p2.stdout.splitlines() if line.startswith("[ablation] run")]
   assert len(started) == 1 and "run 1/2: lns_alpha0.5 seed 0" in started[0], p2.stdout[-2000:]
@@ -158,8 +154,7 @@ def test_ablation_two_seeds_interrupted_then_resumed(tmp_path):
   assert again["variants"]["lns_sum"] == reused["variants"]["lns_sum"]
   # --dry_run on that workdir: each run's state (the rows never trained left), nothing written.
   before = _result_mtimes(other)
-  p3 = subprocess.run(cmd + ["--alphas=0.5", "--dry_run"], capture_output=True, text=True,
-                      cwd=ROOT, timeout=900, env=dict(os.environ, LNS_FAST_COMPILE="1"))
+  p3 = cli.run_argv(cmd + ["--alphas=0.5", "--dry_run"])
   assert p3.returncode == 0, p3.stderr[-3000:]
   assert "lns_sum seed 0: warmup,lns, alpha 1, rho 0.005, warm start alpha 1, reduction sum; " \
          "failed" in p3.stdout and "lns_alpha0.5 seed 0: " in p3.stdout, p3.stdout

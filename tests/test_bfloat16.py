@@ -18,7 +18,6 @@ from flax import traverse_util
 
 from lns_jax import binary, models, optim, trainer
 from lns_jax.layers import LNS_COLLECTION, BinaryConv
-from lns_jax.loss import lns_objective
 from lns_testutil import smoke_config
 
 RTOL = 2 ** -7  # twice bfloat16's rounding: one rounding of the conv output, one of its grad

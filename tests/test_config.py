@@ -3,7 +3,7 @@
 import pytest
 
 from lns_jax import config as config_lib
-from lns_testutil import load_config, set_field, smoke_config
+from lns_testutil import load_config, smoke_config
 
 CONFIGS = [("fashion_mnist_r20.py", ""), ("fashion_mnist_r20.py", "quick"),
            ("fashion_mnist_r20.py", "smoke"), ("cifar10_r20.py", ""), ("cifar10_r20.py", "val"),

@@ -2,7 +2,6 @@
 archive in the original binary format, the ImageNet configs under tfds mock data."""
 
 import json
-import os
 
 import pytest
 import tensorflow_datasets as tfds

@@ -125,16 +125,15 @@ def test_train_step_benchmark_prints_a_row_per_option_set_and_dtype():
   assert "project compiler options: {'xla_cpu_experimental_ynn_fusion_type'" in r.stdout
 
 
-def test_train_step_benchmark_reactnet_rows_show_why_its_config_trains_with_bits():
+def test_train_step_benchmark_reactnet_rows_show_why_its_config_trains_with_bits(cli):
   """docs/performance.md's ReActNet-20 command, compile only: its rows, and the measurement
   behind DECISIONS 26. XLA recomputes the packed forward's fused popcounts in each consumer
   of a ReActNet conv, so the packed step counts more FLOPs than the 'bits' one (XLA's
   forward); if a later XLA stops doing that, this fails and the config's 'bits' is worth
   measuring again."""
-  r = subprocess.run([sys.executable, "benchmarks/train_step.py", "--r20_batch=0",
-                      "--fmnist_batch=0", "--reactnet_batch=2", "--skip_r18", "--skip_input",
-                      "--steps=0", "--stages=pretrain", "--conv=bits,packed"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  r = cli.run_argv([sys.executable, "benchmarks/train_step.py", "--r20_batch=0",
+                    "--fmnist_batch=0", "--reactnet_batch=2", "--skip_r18", "--skip_input",
+                    "--steps=0", "--stages=pretrain", "--conv=bits,packed"], timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   cells = [[c.strip() for c in l.split("|")] for l in r.stdout.splitlines()
            if l.startswith("| reactnet20")]
@@ -160,9 +159,8 @@ def test_train_step_benchmark_refuses_bad_flags_with_one_line(cli, flag, message
 
 
 # benchmarks/mapping.py: f_theta alone, XLA's conv against Winograd (config.mapping.conv).
-def test_mapping_benchmark_prints_a_row_per_impl():
-  r = subprocess.run([sys.executable, "benchmarks/mapping.py", "--steps=1"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=600)
+def test_mapping_benchmark_prints_a_row_per_impl(cli):
+  r = cli.run_argv([sys.executable, "benchmarks/mapping.py", "--steps=1"], timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   cells = [[c.strip() for c in l.split("|")[1:-1]] for l in r.stdout.splitlines()
            if l.startswith("| resnet20")]

@@ -1,10 +1,8 @@
 """Tests of lns_jax.data: offline builds, exact contents, determinism, sharding."""
 
 import gzip
-import io
 import os
 import socket
-import tarfile
 import time
 
 import ml_collections

@@ -4,7 +4,6 @@ of another reading refused. (The ablation's new rows: tests/test_ablation.py.)""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -13,29 +12,27 @@ import pytest
 from lns_jax import ablation
 from lns_jax import checkpoint as ckpt_lib
 from lns_jax import binary
-from lns_testutil import ROOT, SMOKE_FLAGS, smoke_config
+from lns_testutil import SMOKE_FLAGS, smoke_config
 
 pytestmark = pytest.mark.slow
 
 
-def _train(workdir, *flags):
-  p = subprocess.run([sys.executable, "train.py", *SMOKE_FLAGS, f"--workdir={workdir}", *flags],
-                     cwd=ROOT, capture_output=True, text=True, timeout=900,
-                     env=dict(os.environ, LNS_FAST_COMPILE="1"))
+def _train(cli, workdir, *flags):
+  p = cli.run_argv([sys.executable, "train.py", *SMOKE_FLAGS, f"--workdir={workdir}", *flags])
   assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
   return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
 @pytest.fixture(scope="module")
-def runs(full_run, tmp_path_factory):
+def runs(cli, full_run, tmp_path_factory):
   """warmup (alpha 1) then lns (alpha 0) with the mean, and a warmup with the sum, both
   from the shared smoke baseline, with a train record at every step."""
   base = os.path.join(full_run[0], "pretrain", "final")
   tmp = tmp_path_factory.mktemp("paper_recipe")
   common = [f"--config.init_from={base}", "--config.log_every_steps=1"]
-  mean = _train(tmp / "mean", *common, "--config.stages=warmup,lns", "--config.alpha=0",
+  mean = _train(cli, tmp / "mean", *common, "--config.stages=warmup,lns", "--config.alpha=0",
                 "--config.warmup.alpha=1", "--config.evals_per_epoch=2")
-  total = _train(tmp / "sum", *common, "--config.stages=warmup", "--config.reduction=sum",
+  total = _train(cli, tmp / "sum", *common, "--config.stages=warmup", "--config.reduction=sum",
                  "--config.on_nonfinite=skip")
   return base, mean, total
 

@@ -298,7 +298,7 @@ def test_signal_in_one_baselines_last_run_stops_before_the_next_baseline(monkeyp
   assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
+def test_several_baselines_through_the_cli_interrupted_then_resumed(cli, tmp_path):
   """Two baselines (SGD, Adam), the compute-matched fine-tuning control from each (plain
   fine-tuning is the same stage at another length, trained in tests/test_ablation.py):
   interrupted in the middle of the second baseline's pretraining, packed by
@@ -335,8 +335,7 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   cmd = [sys.executable, "-m", "lns_jax.ablation", *FLAGS, f"--workdir={root}", "--seeds=1",
          "--baselines=sgd12,adam12", "--extra_rows=finetune_matched",
          "--variants=finetune_matched"]
-  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
-                     env=dict(os.environ, LNS_FAST_COMPILE="1"))
+  p = cli.run_argv(cmd)
   assert p.returncode == 0, p.stderr[-3000:]
   started = [line for line in p.stdout.splitlines() if line.startswith("[ablation] run")]
   assert [s.split(" in ")[0] for s in started] == [
@@ -372,8 +371,7 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   # (A rerun of the finished command starting nothing is test_ablation's p2.)
   # A baseline alone (adam12's convergence check at twice the epochs): the report keeps
   # every baseline of the workdir, weakest first.
-  p3 = subprocess.run(cmd[:-3] + ["--baselines=adam24", "--variants=baseline"],
-                      capture_output=True, text=True, cwd=ROOT, timeout=900)
+  p3 = cli.run_argv(cmd[:-3] + ["--baselines=adam24", "--variants=baseline"])
   assert p3.returncode == 0 and "run 0/0: baseline (pretrain, 2 epochs)" in p3.stdout, p3.stdout
   assert not (root / "adam24" / "finetune").exists()
   again = json.loads((root / "strength.json").read_text())
@@ -387,8 +385,7 @@ def test_several_baselines_through_the_cli_interrupted_then_resumed(tmp_path):
   # not even a baseline that was never pretrained (sgd24).
   (root / "strength.md").unlink()
   finished = _mtimes(root)
-  p4 = subprocess.run(cmd[:-3] + ["--baselines=sgd12,sgd24", "--report_only"],
-                      capture_output=True, text=True, cwd=ROOT, timeout=900)
+  p4 = cli.run_argv(cmd[:-3] + ["--baselines=sgd12,sgd24", "--report_only"])
   assert p4.returncode == 0 and "[ablation] run" not in p4.stdout, p4.stdout[-2000:]
   assert "| adam24 |" in (root / "strength.md").read_text()
   assert not (root / "sgd24" / "baseline").exists() and _mtimes(root) == finished
