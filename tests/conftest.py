@@ -89,9 +89,11 @@ def full_run(tmp_path_factory):
 def cli():
   """A warm process that runs entry points with argv (tests/cli_zygote.py), one per xdist
   worker, started on first use: a command line that fails at its flags costs 0.3 s
-  through it instead of the 3 s of a fresh interpreter importing TensorFlow and JAX.
-  Tests about processes themselves (signals, supervisors, no TensorFlow) use real
-  subprocesses; so do one bad input of train.py (test_cli) and of lns_jax.deploy."""
+  through it instead of the 3 s of a fresh interpreter importing TensorFlow and JAX, and
+  a successful run saves the same imports (about 8 CPU-s on the 2-core Xeon;
+  ``run_argv`` takes a subprocess command line). Tests about processes themselves
+  (signals, supervisors, no TensorFlow) use real subprocesses; so do one bad input of
+  train.py (test_cli) and of lns_jax.deploy, and one successful run of each entry point."""
   from lns_testutil import Zygote
   z = Zygote()
   yield z
