@@ -20,12 +20,9 @@ import logging
 import os
 from typing import Any, Optional, Tuple
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
 from lns_jax import binary, parallel
 from lns_jax import workdir as workdir_lib

@@ -187,7 +187,7 @@ class _Builder:
 
   def binary_conv(self, x, name, strides=1):
     """lns-jax's BinaryConv: ``QuantConv2D`` of the ±1 kernel, then the scale ``s``."""
-    L, lq = self.keras.layers, self.larq
+    lq = self.larq
     binarizer = self.spec["input_binarizer"]
     if binarizer not in SIGN_BINARIZERS:
       raise ConvertError(f"{self.path}: input_binarizer {binarizer!r} has no binary "

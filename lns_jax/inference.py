@@ -26,7 +26,6 @@ within float32 rounding. Full-precision layers run as before.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Dict, Tuple
 
