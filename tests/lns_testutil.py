@@ -137,7 +137,7 @@ class Zygote:
     line ``[sys.executable, "-m", module, ...]`` or ``[sys.executable, "file.py", ...]``,
     run through this warm process: a :class:`subprocess.CompletedProcess`. For the
     successful runs whose test is not about the process; each entry point keeps a real
-    subprocess somewhere (train.py: test_cli, test_robustness; lns_jax.ablation: the
+    subprocess somewhere (train.py: test_first_run, test_robustness; lns_jax.ablation: the
     run.sh tests; benchmarks: test_cpu_options, test_objective_scale)."""
     assert argv[0] == sys.executable, argv
     entry, args = (argv[2], argv[3:]) if argv[1] == "-m" else (argv[1], argv[2:])
